@@ -1,0 +1,3 @@
+"""chatgate: a self-hosted streaming chat gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from chatgate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,128 @@
+"""create_app(settings): the FastAPI application; its lifespan wires everything."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import ORJSONResponse
+
+from chatgate import __version__
+from chatgate.api import http, ws
+from chatgate.api.auth import Authenticator
+from chatgate.api.limits import BodySizeLimit
+from chatgate.chat.agents import AgentRegistry, load_agents
+from chatgate.chat.service import ChatService
+from chatgate.config import Settings
+from chatgate.providers import build_provider
+from chatgate.providers.base import Provider
+from chatgate.store import ConversationStore, StoreLimits, open_store
+
+log = logging.getLogger("chatgate")
+PURGE_INTERVAL_S = 60.0
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once per process."""
+
+    settings: Settings
+    provider: Provider
+    session: aiohttp.ClientSession
+    store: ConversationStore
+    agents: AgentRegistry
+    service: ChatService
+    auth: Authenticator
+
+
+async def open_gateway(settings: Settings) -> Gateway:
+    agents = load_agents(settings.agents_dir)
+    if settings.store_url.startswith("sqlite:///") and not settings.store:
+        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    store = open_store(
+        settings.store_url,
+        StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
+    )
+    await store.open()
+    provider, session = await build_provider(settings)
+    service = ChatService(
+        provider,
+        store,
+        agents,
+        memory_enabled=settings.enable_memory,
+        max_turns=settings.memory_max_turns,
+        fallback_models=settings.fallback_model_list,
+        keep_finished_s=settings.resume_grace_s,
+    )
+    return Gateway(settings, provider, session, store, agents, service, Authenticator(settings.api_key_set()))
+
+
+async def close_gateway(gateway: Gateway) -> None:
+    await gateway.service.aclose()
+    await gateway.provider.aclose()
+    await gateway.session.close()
+    await gateway.store.close()
+
+
+async def _purge_forever(store: ConversationStore) -> None:
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL_S)
+        try:
+            await store.purge_expired()
+        except Exception:
+            log.exception("purging expired conversations failed")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gateway = await open_gateway(settings)
+        app.state.gateway = gateway
+        purger = asyncio.create_task(_purge_forever(gateway.store))
+        log.info(
+            "chatgate ready",
+            extra={"provider": gateway.provider.name, "model": gateway.provider.default_model,
+                   "store": gateway.store.name},
+        )
+        try:
+            yield
+        finally:
+            purger.cancel()
+            await close_gateway(gateway)
+
+    app = FastAPI(
+        title="chatgate",
+        version=__version__,
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    if settings.cors_origin_list:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Conversation-Id"],
+        )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes + 4096)
+    http.install_error_handlers(app)
+    app.include_router(http.router)
+    app.include_router(ws.router)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory: settings come from the environment (the CLI put its flags there)."""
+    from chatgate.config import load_settings
+    from chatgate.observability import setup_logging
+
+    settings = load_settings()
+    setup_logging(settings.log_level)
+    return create_app(settings)

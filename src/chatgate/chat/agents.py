@@ -1,0 +1,95 @@
+"""Agents: a name, a system prompt, and optionally a model and generation options.
+
+The built-in ``general`` agent (alias ``default``) always exists. Files in the agents
+folder add or override agents: ``NAME.toml`` or ``NAME.json`` with keys ``name``
+(defaults to the file name), ``description``, ``system_prompt``, ``model`` and an
+``options`` table (temperature, max_tokens, num_ctx, top_p, stop, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatgate.chat.events import ChatError
+from chatgate.providers.base import GenerationOptions
+
+GENERAL_PROMPT = (
+    "You are a helpful, honest assistant. Answer clearly and concisely; "
+    "say so when you do not know something."
+)
+ALIASES = {"default": "general"}
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    name: str
+    system_prompt: str
+    description: str = ""
+    model: str | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+    def detail(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "model": self.model}
+
+
+GENERAL = Agent("general", GENERAL_PROMPT, "General helpful assistant")
+
+
+class AgentRegistry:
+    def __init__(self, agents: list[Agent] | None = None) -> None:
+        self._agents: dict[str, Agent] = {GENERAL.name: GENERAL}
+        for agent in agents or ():
+            self._agents[agent.name] = agent
+
+    def get(self, name: str | None) -> Agent:
+        key = ALIASES.get(name or "general", name or "general")
+        try:
+            return self._agents[key]
+        except KeyError:
+            known = ", ".join(self.names())
+            raise ChatError("not_found", f"unknown agent {name!r}; known agents: {known}", status=404) from None
+
+    def names(self) -> list[str]:
+        return ["general", *sorted(n for n in self._agents if n != "general")]
+
+    def details(self) -> list[dict[str, Any]]:
+        return [self._agents[n].detail() for n in self.names()]
+
+
+class AgentFileError(ValueError):
+    pass
+
+
+def load_agent_file(path: Path) -> Agent:
+    try:
+        raw = path.read_bytes()
+        data: dict[str, Any] = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
+    except (OSError, ValueError) as exc:
+        raise AgentFileError(f"agent file {path.name}: {exc}") from exc
+    prompt = data.get("system_prompt") or data.get("system") or data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise AgentFileError(f"agent file {path.name}: system_prompt is missing")
+    try:
+        options = GenerationOptions.from_mapping(data.get("options"))
+    except (TypeError, ValueError) as exc:
+        raise AgentFileError(f"agent file {path.name}: bad options: {exc}") from exc
+    return Agent(
+        name=str(data.get("name") or path.stem),
+        system_prompt=prompt.strip(),
+        description=str(data.get("description", "")),
+        model=data.get("model") or None,
+        options=options,
+    )
+
+
+def load_agents(folder: Path | None) -> AgentRegistry:
+    if folder is None:
+        return AgentRegistry()
+    if not folder.is_dir():
+        raise AgentFileError(f"CHATGATE_AGENTS_DIR: {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".toml", ".json"))
+    return AgentRegistry([load_agent_file(p) for p in files])

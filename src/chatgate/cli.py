@@ -1,0 +1,104 @@
+"""Command line: ``chatgate serve | chat | fake-llm``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from chatgate.chat.agents import AgentFileError, load_agents
+    from chatgate.config import ConfigError, load_settings
+    from chatgate.observability import setup_logging
+
+    # Flags win: they become the primary variables, which is also how worker processes see them.
+    for flag, variable in (("host", "CHATGATE_HOST"), ("port", "CHATGATE_PORT"), ("workers", "CHATGATE_WORKERS")):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[variable] = str(value)
+    try:
+        settings = load_settings()
+        load_agents(settings.agents_dir)
+    except (ConfigError, AgentFileError) as exc:
+        print(f"chatgate: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    uvicorn.run(
+        "chatgate.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+        access_log=False,
+        log_config=None,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def _fake_llm(args: argparse.Namespace) -> int:
+    from chatgate.testing.fake_llm import FakeSettings, run_fake_llm
+
+    run_fake_llm(args.host, args.port, FakeSettings(tokens=args.tokens, tps=args.tps, ttft_ms=args.ttft_ms))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from chatgate.client import run_chat
+
+    return run_chat(
+        url=args.url,
+        agent=args.agent,
+        conversation_id=args.conversation,
+        message=" ".join(args.message) if args.message else None,
+        api_key=args.api_key,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chatgate", description="Self-hosted streaming chat gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway with the web UI")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.set_defaults(run=_serve)
+
+    chat = commands.add_parser("chat", help="chat from the terminal (interactive without MESSAGE)")
+    chat.add_argument("--url", default=os.environ.get("CHATGATE_URL", "http://127.0.0.1:8000"))
+    chat.add_argument("--agent", default="general")
+    chat.add_argument("--conversation", help="continue this conversation id")
+    chat.add_argument("--api-key", default=os.environ.get("CHATGATE_API_KEY"))
+    chat.add_argument("message", nargs="*")
+    chat.set_defaults(run=_chat)
+
+    fake = commands.add_parser("fake-llm", help="deterministic Ollama/OpenAI-compatible upstream")
+    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--port", type=int, default=11434)
+    fake.add_argument("--tokens", type=int, default=40)
+    fake.add_argument("--tps", type=float, default=0.0, help="tokens per second (0 = no delay)")
+    fake.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the first token")
+    fake.set_defaults(run=_fake_llm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Any OpenAI-compatible ``/v1/chat/completions`` server (OpenAI, vLLM, llama.cpp, LM Studio)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+import aiohttp
+import orjson
+
+from chatgate.providers._http import JSON_HEADERS, error_text, upstream_errors
+from chatgate.providers.base import (
+    Chunk,
+    FinishReason,
+    GenerationOptions,
+    ModelNotFound,
+    ProviderError,
+    ProviderHTTPError,
+    ProviderRequest,
+    ProviderStreamError,
+    Usage,
+    register_provider,
+)
+
+
+def openai_options(options: GenerationOptions) -> dict[str, Any]:
+    mapped: dict[str, Any] = {
+        "temperature": options.temperature,
+        "max_tokens": options.max_tokens,
+        "top_p": options.top_p,
+        "seed": options.seed,
+        "stop": list(options.stop) or None,
+    }
+    return {k: v for k, v in mapped.items() if v is not None}
+
+
+def api_base(url: str) -> str:
+    """``http://host:port`` means ``http://host:port/v1``; any explicit path is kept."""
+    url = url.rstrip("/")
+    return url if urlparse(url).path else url + "/v1"
+
+
+class OpenAIProvider:
+    name: ClassVar[str] = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        session: aiohttp.ClientSession,
+        *,
+        default_model: str = "gpt-4o-mini",
+        default_options: GenerationOptions | None = None,
+    ) -> None:
+        self.base_url = api_base(base_url)
+        self.default_model = default_model
+        self._session = session
+        self._headers = dict(JSON_HEADERS)
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._defaults = default_options or GenerationOptions()
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        model = request.model or self.default_model
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **openai_options(self._defaults.merged(request.options)),
+        }
+        url = f"{self.base_url}/chat/completions"
+        async with upstream_errors(self.name, model, self.base_url):
+            response = await self._session.post(url, data=orjson.dumps(payload), headers=self._headers)
+            finished = False
+            try:
+                if response.status >= 400:
+                    raise self._status_error(response.status, await response.read(), model)
+                reason: FinishReason | None = None
+                usage: Usage | None = None
+                async for raw in response.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data_part = line[5:].strip()
+                    if data_part == b"[DONE]":
+                        finished = True
+                        break
+                    data = orjson.loads(data_part)
+                    if "error" in data:
+                        raise ProviderStreamError(
+                            f"{self.name}: {error_text(data_part)}", provider=self.name, model=model
+                        )
+                    if data.get("usage"):
+                        usage = Usage(
+                            data["usage"].get("prompt_tokens") or 0,
+                            data["usage"].get("completion_tokens") or 0,
+                        )
+                    for choice in data.get("choices") or ():
+                        text = (choice.get("delta") or {}).get("content") or ""
+                        if text:
+                            yield Chunk(text)
+                        if choice.get("finish_reason"):
+                            reason = "length" if choice["finish_reason"] == "length" else "stop"
+                if reason is None:
+                    raise ProviderStreamError(
+                        f"{self.name} ended the stream without a finish reason",
+                        provider=self.name,
+                        model=model,
+                    )
+                finished = True
+                yield Chunk("", finish_reason=reason, usage=usage)
+            finally:
+                if finished:
+                    response.release()
+                else:
+                    response.close()
+
+    def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
+        detail = error_text(body)
+        if status == 404 and ("model" in detail.lower() or b"model_not_found" in body):
+            return ModelNotFound(f"model {model!r} not found: {detail}", provider=self.name, model=model)
+        return ProviderHTTPError(
+            f"{self.name} answered {status}: {detail}", status=status, provider=self.name, model=model
+        )
+
+    async def models(self) -> list[str]:
+        async with upstream_errors(self.name, "", self.base_url):
+            async with self._session.get(f"{self.base_url}/models", headers=self._headers) as response:
+                if response.status >= 400:
+                    raise self._status_error(response.status, await response.read(), "")
+                data = await response.json(loads=orjson.loads, content_type=None)
+        return [m["id"] for m in data.get("data", []) if "id" in m]
+
+    async def check(self) -> str:
+        models = await self.models()
+        return f"{self.name} at {self.base_url} ({len(models)} models)"
+
+    async def aclose(self) -> None:
+        return None
+
+
+@register_provider("openai")
+def _from_settings(settings: Any, session: aiohttp.ClientSession) -> OpenAIProvider:
+    if not settings.openai_base_url:
+        raise ProviderError("CHATGATE_OPENAI_BASE_URL must be set for the openai provider")
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+    return OpenAIProvider(
+        settings.openai_base_url,
+        key,
+        session,
+        default_model=settings.model or "gpt-4o-mini",
+        default_options=settings.generation_options,
+    )
