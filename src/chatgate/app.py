@@ -7,12 +7,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import ORJSONResponse
 
 from chatgate import __version__
 from chatgate.api import http, ws
@@ -42,10 +40,7 @@ class Gateway:
     auth: Authenticator
 
 
-async def open_gateway(settings: Settings) -> Gateway:
-    agents = load_agents(settings.agents_dir)
-    if settings.store_url.startswith("sqlite:///") and not settings.store:
-        Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
     store = open_store(
         settings.store_url,
         StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
@@ -81,9 +76,11 @@ async def _purge_forever(store: ConversationStore) -> None:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    agents = load_agents(settings.agents_dir)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = await open_gateway(settings)
+        gateway = await open_gateway(settings, agents)
         app.state.gateway = gateway
         purger = asyncio.create_task(_purge_forever(gateway.store))
         log.info(
@@ -101,7 +98,6 @@ def create_app(settings: Settings) -> FastAPI:
         title="chatgate",
         version=__version__,
         lifespan=lifespan,
-        default_response_class=ORJSONResponse,
     )
     if settings.cors_origin_list:
         app.add_middleware(

@@ -20,9 +20,14 @@ def _serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             os.environ[variable] = str(value)
+    from chatgate.providers import configuration_problem
+
     try:
         settings = load_settings()
         load_agents(settings.agents_dir)
+        problem = configuration_problem(settings)
+        if problem:
+            raise ConfigError(problem)
     except (ConfigError, AgentFileError) as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2

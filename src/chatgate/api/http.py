@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import FileResponse, ORJSONResponse
+from fastapi.responses import FileResponse
+from starlette.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.types import Receive, Scope, Send
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 router = APIRouter()
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 STATUS_OF_ERROR = {"not_found": 502, "provider_unavailable": 502, "provider_error": 502, "timeout": 502}
+
+
+class ORJSONResponse(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -190,9 +196,10 @@ async def chat(body: ChatBody, request: Request) -> Response:
     return ORJSONResponse(reply.model_dump(), headers={"X-Conversation-Id": generation.conversation_id})
 
 
-async def _check(probe: Any, timeout: float) -> dict[str, Any]:
+async def _check(probe: Any, limit_s: float) -> dict[str, Any]:
     try:
-        detail = await asyncio.wait_for(probe(), timeout)
+        async with asyncio.timeout(limit_s):
+            detail = await probe()
     except (ProviderError, TimeoutError, OSError, ConnectionError) as exc:
         return {"status": "down", "detail": getattr(exc, "message", None) or type(exc).__name__}
     except Exception as exc:

