@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import FileResponse
-from starlette.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
 from starlette.types import Receive, Scope, Send
 
 from chatgate import observability as obs
