@@ -189,3 +189,18 @@ async def test_foreign_origin_is_refused(gw: RunningGateway, path: str) -> None:
     async with connect(gw.ws_url + path, origin=gw.url) as ws:  # type: ignore[arg-type]
         await send(ws, {"type": "ping"})
         assert await recv(ws) == {"type": "pong"}
+
+
+async def test_clearing_history_during_a_reply_does_not_bring_it_back(gw: RunningGateway, fake: FakeLLM) -> None:
+    fake.configure(tokens=500, tps=100)
+    async with connect(gw.ws_url + "/ws") as ws:
+        await send(ws, {"type": "chat", "id": "h1", "message": "secret", "conversation_id": "conv-h"})
+        await recv(ws)
+        await recv(ws)
+        await send(ws, {"type": "clear_history", "conversation_id": "conv-h"})
+        frames: list[dict[str, Any]] = []
+        while {"done", "history_cleared"} - {f["type"] for f in frames}:
+            frames.append(await recv(ws))
+        assert next(f for f in frames if f["type"] == "done")["finish_reason"] == "cancelled"
+    conversation = httpx.get(f"{gw.url}/conversations/conv-h")
+    assert conversation.status_code == 404 or conversation.json()["messages"] == []

@@ -277,10 +277,7 @@ async def delete_conversation(conversation_id: str, request: Request) -> Respons
     info = await gateway.store.info(conversation_id)
     if info is None or info.owner != owner:
         raise ChatError("not_found", f"no conversation {conversation_id!r}", status=404)
-    active = gateway.service.active(conversation_id)
-    if active is not None:
-        active.cancel()
-    await gateway.store.delete(conversation_id)
+    await gateway.service.delete(conversation_id)
     return Response(status_code=204)
 
 

@@ -22,6 +22,7 @@ class Generation:
     text_parts: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
+    forgotten: bool = False
     orphan_timer: asyncio.TimerHandle | None = None
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _seq: int = 0

@@ -158,7 +158,19 @@ class ChatService:
         info = await self.store.info(conversation_id)
         if info is not None and info.owner != owner:
             raise ChatError("forbidden", "this conversation belongs to another client", status=403)
+        self._stop_remembering(conversation_id)
         await self.store.clear(conversation_id)
+
+    async def delete(self, conversation_id: str) -> bool:
+        self._stop_remembering(conversation_id)
+        return await self.store.delete(conversation_id)
+
+    def _stop_remembering(self, conversation_id: str) -> None:
+        """A running reply must not write back into history the user just erased."""
+        active = self._by_conversation.get(conversation_id)
+        if active is not None:
+            active.forgotten = True
+            active.cancel()
 
     async def aclose(self) -> None:
         tasks = [g.task for g in self._generations.values() if g.task and not g.task.done()]
@@ -263,7 +275,7 @@ class ChatService:
 
     async def _finish(self, generation: Generation, turn: Turn, remember: bool, *, partial: bool) -> None:
         try:
-            if remember:
+            if remember and not generation.forgotten:
                 await self._remember(generation, turn, partial=partial)
         except Exception:
             log.exception("could not store the answer", extra={"request_id": generation.id})
