@@ -13,10 +13,11 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from chatgate import __version__
-from chatgate.api import http, ws
+from chatgate.api import http, ollama_compat, openai_compat, ws
 from chatgate.api.auth import Authenticator
 from chatgate.api.limits import BodySizeLimit
 from chatgate.chat.agents import AgentRegistry, load_agents
+from chatgate.chat.limits import RateLimiter
 from chatgate.chat.service import ChatService
 from chatgate.config import Settings
 from chatgate.providers import build_provider
@@ -25,6 +26,8 @@ from chatgate.store import ConversationStore, StoreLimits, open_store
 
 log = logging.getLogger("chatgate")
 PURGE_INTERVAL_S = 60.0
+#: OpenAI and Ollama clients resend the conversation each turn: allow this many messages' worth.
+HISTORY_BODY_FACTOR = 64
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Gateway:
     agents: AgentRegistry
     service: ChatService
     auth: Authenticator
+    websockets_open: int = 0
 
 
 async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
@@ -55,6 +59,8 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         max_turns=settings.memory_max_turns,
         fallback_models=settings.fallback_model_list,
         keep_finished_s=settings.resume_grace_s,
+        rate_limiter=RateLimiter(*settings.rate) if settings.rate else None,
+        max_streams_per_client=settings.max_streams_per_client,
     )
     return Gateway(settings, provider, session, store, agents, service, Authenticator(settings.api_key_set()))
 
@@ -107,10 +113,16 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Conversation-Id"],
         )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes + 4096)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_message_bytes + 4096,
+        history_max_bytes=HISTORY_BODY_FACTOR * settings.max_message_bytes,
+    )
     http.install_error_handlers(app)
     app.include_router(http.router)
     app.include_router(ws.router)
+    app.include_router(openai_compat.router)
+    app.include_router(ollama_compat.router)
     return app
 
 

@@ -25,6 +25,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from chatgate.providers.base import GenerationOptions
 
 ProviderName = Literal["auto", "ollama", "openai", "gemini", "local"]
+_HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>\d+))?")
+#: A listen-on-everything address names this machine when used to connect.
+_WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
 _RATE_UNITS = {"second": 1.0, "sec": 1.0, "s": 1.0, "minute": 60.0, "min": 60.0, "m": 60.0,
                "hour": 3600.0, "h": 3600.0, "day": 86400.0, "d": 86400.0}
 
@@ -115,16 +118,19 @@ class Settings(BaseSettings):
     @field_validator("ollama_host")
     @classmethod
     def _normalise_ollama_host(cls, value: str) -> str:
-        """Accept Ollama's own forms: ``host``, ``host:port``, ``0.0.0.0``, full URLs."""
+        """Read it as Ollama does: ``host``, ``host:port``, ``0.0.0.0`` or a URL. The port
+        defaults to 11434 without a scheme and to the scheme's own (80, 443) with one."""
         value = value.strip().rstrip("/")
-        if "://" not in value:
-            value = "http://" + value
-        scheme, rest = value.split("://", 1)
-        if not re.search(r":\d+$", rest.split("/", 1)[0]):
-            host, _, path = rest.partition("/")
-            rest = f"{host}:11434" + (f"/{path}" if path else "")
-        rest = rest.replace("0.0.0.0", "127.0.0.1", 1)
-        return f"{scheme}://{rest}"
+        scheme, has_scheme, rest = value.partition("://")
+        if not has_scheme:
+            scheme, rest = "http", value
+        hostport, _, path = rest.partition("/")
+        match = _HOST_PORT.fullmatch(hostport)
+        if match is None:
+            return f"{scheme}://{rest}"
+        host = _WILDCARD_HOSTS.get(match["host"], match["host"])
+        port = match["port"] or ("" if has_scheme else "11434")
+        return f"{scheme}://{host}" + (f":{port}" if port else "") + (f"/{path}" if path else "")
 
     @field_validator("log_level", mode="before")
     @classmethod

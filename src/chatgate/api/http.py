@@ -4,6 +4,7 @@ metrics and the web page."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +45,7 @@ class ChatBody(BaseModel):
     message: str = Field(min_length=1, max_length=4000)
     agent: str = Field(default="general", max_length=128)
     stream: bool = False
-    conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
+    conversation_id: str | None = Field(default=None, pattern=r"^[\x21-\x7e]{1,128}$")
 
 
 class ChatReply(BaseModel):
@@ -56,18 +57,23 @@ class ChatReply(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
-    code: str
+    code: str | None = None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 413, 429, 502)
+    status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 429, 502)
 }
 
 
 def install_error_handlers(app: FastAPI) -> None:
     async def chat_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ChatError)
-        return ORJSONResponse({"detail": exc.message, "code": exc.code}, status_code=exc.status)
+        headers = None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(math.ceil(exc.retry_after))}
+        return ORJSONResponse(
+            {"detail": exc.message, "code": exc.code}, status_code=exc.status, headers=headers
+        )
 
     app.add_exception_handler(ChatError, chat_error)
 
@@ -163,6 +169,7 @@ async def chat(body: ChatBody, request: Request) -> Response:
         conversation_id=body.conversation_id,
         agent=body.agent,
         owner=gateway.auth.identify(request),
+        client=request.client.host if request.client else None,
     )
     generation = await gateway.service.start(turn)
     events = generation.events()
@@ -176,7 +183,8 @@ async def chat(body: ChatBody, request: Request) -> Response:
         if first["type"] == "error":
             return _error_response(first, generation.conversation_id)
         if sse:
-            leading = [generation.log[0], first]
+            # Sent only now, the start event can name the model that answered (a fallback).
+            leading: list[Event] = [generation.start_event(), first]
             return GenerationStream(generation, events, leading, encode_sse, "text/event-stream")
         return GenerationStream(generation, events, [first], encode_text, "text/plain; charset=utf-8")
 

@@ -60,6 +60,7 @@ class NativeConnection:
         self.websocket = websocket
         self.gateway = gateway
         self.owner = owner
+        self.client = websocket.client.host if websocket.client else None
         self.pumps: dict[str, asyncio.Task[None]] = {}
         self.generations: dict[str, Generation] = {}
         self._send_lock = asyncio.Lock()
@@ -134,6 +135,7 @@ class NativeConnection:
             model=_optional_str(frame, "model"),
             options=parsed,
             owner=self.owner,
+            client=self.client,
             request_id=request_id,
         )
         generation = await self.gateway.service.start(turn)
@@ -223,6 +225,13 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway) -> None:
         await websocket.close(code=1008, reason="origin not allowed")
         return
     await websocket.accept()
+    limit = gateway.settings.max_connections
+    if limit and gateway.websockets_open >= limit:
+        busy = error_event("busy", f"the gateway holds its maximum of {limit} connections", retryable=True)
+        await websocket.send_text(orjson.dumps(busy).decode())
+        await websocket.close(code=1013, reason="too many connections")
+        return
+    gateway.websockets_open += 1
     obs.WS_CONNECTIONS.inc()
     try:
         try:
@@ -233,4 +242,5 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway) -> None:
             return
         await NativeConnection(websocket, gateway, owner).run()
     finally:
+        gateway.websockets_open -= 1
         obs.WS_CONNECTIONS.dec()

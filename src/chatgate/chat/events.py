@@ -88,12 +88,21 @@ class ChatError(Exception):
 
     status: int = 400
 
-    def __init__(self, code: ErrorCode, message: str, *, status: int = 400, retryable: bool = False) -> None:
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        status: int = 400,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status
         self.retryable = retryable
+        self.retry_after = retry_after
 
     def event(self, id: str | None = None) -> ErrorEvent:
         return error_event(self.code, self.message, id=id, retryable=self.retryable)

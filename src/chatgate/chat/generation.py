@@ -23,6 +23,7 @@ class Generation:
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     forgotten: bool = False
+    limit_key: str = ""
     orphan_timer: asyncio.TimerHandle | None = None
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _seq: int = 0

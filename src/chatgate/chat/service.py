@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ from chatgate import observability as obs
 from chatgate.chat.agents import Agent, AgentRegistry
 from chatgate.chat.events import ChatError, DoneEvent, error_event, provider_error_code
 from chatgate.chat.generation import Generation
+from chatgate.chat.limits import RateLimiter, StreamCounter
 from chatgate.providers.base import (
     Chunk,
     FinishReason,
@@ -31,6 +33,8 @@ from chatgate.providers.base import (
 from chatgate.store.base import ConversationStore, StoredMessage
 
 log = logging.getLogger("chatgate.chat")
+#: Conversation ids travel in headers (X-Conversation-Id) and URLs: printable ASCII only.
+CONVERSATION_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 @dataclass(slots=True)
@@ -41,6 +45,8 @@ class Turn:
     model: str | None = None
     options: GenerationOptions | None = None
     owner: str | None = None
+    #: The peer address; limits apply to it when the caller is anonymous.
+    client: str | None = None
     request_id: str | None = None
     #: The client's own history for this turn (stateless APIs); replaces the stored window.
     history: list[Message] | None = None
@@ -80,6 +86,8 @@ class ChatService:
         fallback_models: list[str] | None = None,
         retry: RetryPolicy | None = None,
         keep_finished_s: float = 30.0,
+        rate_limiter: RateLimiter | None = None,
+        max_streams_per_client: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.provider = provider
@@ -91,6 +99,8 @@ class ChatService:
         self.retry = retry or RetryPolicy()
         self.keep_finished_s = keep_finished_s
         self._clock = clock
+        self._rate_limiter = rate_limiter
+        self._streams = StreamCounter(max_streams_per_client)
         self._generations: dict[str, Generation] = {}
         self._by_conversation: dict[str, Generation] = {}
 
@@ -104,7 +114,14 @@ class ChatService:
         """Validate the turn, load its history and start generating; the returned
         generation's log already holds the ``start`` event."""
         agent = self.agents.get(turn.agent)
+        limit_key = turn.owner or turn.client or "anonymous"
+        if self._rate_limiter is not None:
+            self._rate_limiter.acquire(limit_key)
         conversation_id = turn.conversation_id or uuid.uuid4().hex
+        if not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ChatError(
+                "bad_request", "conversation_id must be 1 to 128 printable ASCII characters without spaces"
+            )
         if conversation_id in self._by_conversation:
             raise ChatError(
                 "busy", "a generation is already running in this conversation", status=409, retryable=True
@@ -133,6 +150,8 @@ class ChatService:
         )
         if conversation_id in self._by_conversation:  # raced while loading history
             raise ChatError("busy", "a generation is already running in this conversation", status=409, retryable=True)
+        self._streams.acquire(limit_key)
+        generation.limit_key = limit_key
         generation.emit(generation.start_event())
         self._generations[generation.id] = generation
         self._by_conversation[conversation_id] = generation
@@ -280,6 +299,7 @@ class ChatService:
         except Exception:
             log.exception("could not store the answer", extra={"request_id": generation.id})
         finally:
+            self._streams.release(generation.limit_key)
             self._by_conversation.pop(generation.conversation_id, None)
             loop = asyncio.get_running_loop()
             loop.call_later(self.keep_finished_s, self._generations.pop, generation.id, None)

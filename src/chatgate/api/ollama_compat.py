@@ -1,0 +1,365 @@
+"""The Ollama-compatible API: ``POST /api/chat``, ``POST /api/generate``, ``GET /api/tags``,
+``POST /api/show``, ``GET /api/ps`` and ``GET /api/version``, for the ``ollama`` package,
+Open WebUI and anything else pointed at an Ollama server.
+
+Answers stream as NDJSON (``stream`` defaults to true) encoded from the native events of
+the one chat service; the last line carries Ollama's counts and nanosecond durations.
+Errors are ``{"error": "..."}`` with an HTTP status, or that line mid-stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatgate import __version__
+from chatgate.api import compat
+from chatgate.api.http import ORJSONResponse
+from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.providers.base import GenerationOptions, Message
+
+#: The Ollama release whose API these routes follow; clients gate features on it.
+OLLAMA_API_VERSION = "0.6.0"
+NDJSON = "application/x-ndjson"
+_MODIFIED_AT = datetime.now(UTC).isoformat()
+
+
+# Wire models -------------------------------------------------------------------------
+
+
+class Options(BaseModel):
+    """The options chatgate maps; Ollama's others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    temperature: float | None = Field(None, ge=0)
+    num_predict: int | None = Field(None, ge=-2, le=compat.INT32)
+    num_ctx: int | None = Field(None, ge=1, le=compat.INT32)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-compat.INT64 - 1, le=compat.INT64)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str = ""
+    images: list[str] | None = Field(None, max_length=0)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = []
+    stream: bool | None = None
+    options: Options | None = None
+    tools: list[Any] | None = Field(None, max_length=0)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    prompt: str = ""
+    system: str | None = None
+    stream: bool | None = None
+    options: Options | None = None
+    images: list[str] | None = Field(None, max_length=0)
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = Field(None, min_length=1, max_length=256)
+    name: str | None = Field(None, min_length=1, max_length=256)
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+class AnswerMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Answer(BaseModel):
+    """A non-streamed answer (``message`` for chat, ``response`` for generate)."""
+
+    model: str
+    created_at: str
+    message: AnswerMessage | None = None
+    response: str | None = None
+    done: Literal[True]
+    done_reason: str
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class ModelDetails(BaseModel):
+    parent_model: str
+    format: str
+    family: str
+    families: list[str]
+    parameter_size: str
+    quantization_level: str
+
+
+class Tag(BaseModel):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class Tags(BaseModel):
+    models: list[Tag]
+
+
+class Show(BaseModel):
+    modelfile: str
+    parameters: str
+    template: str
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    modified_at: str
+
+
+class Version(BaseModel):
+    version: str
+
+
+def error_response(exc: ChatError) -> Response:
+    return ORJSONResponse({"error": exc.message}, status_code=exc.status)
+
+
+router = APIRouter(route_class=compat.error_route(error_response))
+ERRORS = compat.error_responses(ErrorBody)
+ANSWERS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    200: {"model": Answer, "content": {NDJSON: {"schema": {"type": "string"}}}},
+}
+
+
+# Encoding ----------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _chat_content(text: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text}}
+
+
+def _generate_content(text: str) -> dict[str, Any]:
+    return {"response": text}
+
+
+Content = Callable[[str], dict[str, Any]]
+
+
+def _line(model: str, content: Content, text: str, **fields: Any) -> dict[str, Any]:
+    return {"model": model, "created_at": _now(), **content(text), **fields}
+
+
+def _final(model: str, content: Content, text: str, done: DoneEvent) -> dict[str, Any]:
+    total_ms = done["timings"]["total_ms"]
+    ttft_ms = min(done["timings"]["ttft_ms"] or 0.0, total_ms)
+    return _line(
+        model,
+        content,
+        text,
+        done=True,
+        done_reason="length" if done["finish_reason"] == "length" else "stop",
+        total_duration=round(total_ms * 1e6),
+        load_duration=0,
+        prompt_eval_count=done["usage"]["prompt_tokens"],
+        prompt_eval_duration=round(ttft_ms * 1e6),
+        eval_count=done["usage"]["completion_tokens"],
+        eval_duration=round((total_ms - ttft_ms) * 1e6),
+    )
+
+
+class LineEncoder:
+    """Native events → Ollama's NDJSON lines for one answer."""
+
+    def __init__(self, model: str, content: Content) -> None:
+        self.model = model
+        self.content = content
+
+    def __call__(self, event: Event) -> bytes:
+        if event["type"] == "delta":
+            return orjson.dumps(_line(self.model, self.content, event["text"], done=False)) + b"\n"
+        if event["type"] == "done":
+            return orjson.dumps(_final(self.model, self.content, "", event)) + b"\n"
+        if event["type"] == "error":
+            return orjson.dumps({"error": event["message"]}) + b"\n"
+        return b""
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    """Clear refusals for what chatgate does not do, before the schema's generic ones."""
+    messages = data.get("messages")
+    messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    if data.get("tools") or any(m.get("role") == "tool" for m in messages):
+        raise compat.RequestError("tools are not supported", param="tools")
+    if data.get("images") or any(m.get("images") for m in messages):
+        raise compat.RequestError("images are not supported", param="images")
+
+
+def _options(options: Options | None) -> GenerationOptions:
+    if options is None:
+        return GenerationOptions()
+    stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
+    return GenerationOptions(
+        temperature=options.temperature,
+        # Ollama's -1 (no limit) and -2 (fill the context) are chatgate's "unset".
+        max_tokens=options.num_predict if options.num_predict and options.num_predict > 0 else None,
+        num_ctx=options.num_ctx,
+        top_p=options.top_p,
+        stop=stop,
+        seed=options.seed,
+    )
+
+
+async def _answer(
+    request: Request,
+    model: str,
+    messages: list[Message],
+    options: Options | None,
+    stream: bool,
+    content: Content,
+) -> Response:
+    """Chat and generate alike: no message loads the model (Ollama's warm-up request);
+    otherwise one turn, streamed as NDJSON or answered as one object."""
+    gateway = compat.gateway_of(request)
+    owner = gateway.auth.identify(request)
+    conversation_id = compat.conversation_id_of(request)
+    if not any(m["role"] != "system" for m in messages):
+        await compat.upstream_model(gateway, model)
+        return ORJSONResponse(_line(model, content, "", done=True, done_reason="load"))
+    turn = compat.make_turn(
+        request,
+        messages,
+        model=model,
+        options=_options(options),
+        owner=owner,
+        conversation_id=conversation_id,
+    )
+    generation = await gateway.service.start(turn)
+    if stream:
+        events, first = await compat.first_outcome(request, generation)
+        encode = LineEncoder(model, content)
+        return compat.stream_response(turn, generation, events, [first], encode, NDJSON)
+    done = await compat.run_to_end(request, generation)
+    answer = _final(model, content, generation.text, done)
+    return ORJSONResponse(answer, headers=compat.conversation_headers(turn, generation))
+
+
+# Routes ------------------------------------------------------------------------------
+
+
+@router.post("/api/chat", openapi_extra=compat.openapi_body(ChatRequest), responses=ANSWERS)
+async def chat(request: Request) -> Response:
+    data = compat.read_json_object(await request.body())
+    _refuse_unsupported(data)
+    body = compat.validate(ChatRequest, data)
+    messages: list[Message] = [{"role": m.role, "content": m.content} for m in body.messages]
+    return await _answer(
+        request, body.model, messages, body.options, body.stream is not False, _chat_content
+    )
+
+
+@router.post("/api/generate", openapi_extra=compat.openapi_body(GenerateRequest), responses=ANSWERS)
+async def generate(request: Request) -> Response:
+    data = compat.read_json_object(await request.body())
+    _refuse_unsupported(data)
+    body = compat.validate(GenerateRequest, data)
+    messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
+    if body.prompt:
+        messages.append({"role": "user", "content": body.prompt})
+    return await _answer(
+        request, body.model, messages, body.options, body.stream is not False, _generate_content
+    )
+
+
+def _details(name: str) -> dict[str, Any]:
+    family = "chatgate-agent" if compat.agent_of(name) is not None else ""
+    return {
+        "parent_model": "",
+        "format": "",
+        "family": family,
+        "families": [family] if family else [],
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def _tag(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": _MODIFIED_AT,
+        "size": 0,
+        "digest": hashlib.sha256(name.encode()).hexdigest(),
+        "details": _details(name),
+    }
+
+
+@router.get("/api/tags", response_model=Tags, responses=ERRORS)
+async def tags(request: Request) -> Response:
+    gateway = compat.gateway_of(request)
+    gateway.auth.identify(request)
+    return ORJSONResponse({"models": [_tag(name) for name in await compat.model_names(gateway)]})
+
+
+@router.post(
+    "/api/show",
+    openapi_extra=compat.openapi_body(ShowRequest),
+    response_model=Show,
+    responses=ERRORS,
+)
+async def show(request: Request) -> Response:
+    gateway = compat.gateway_of(request)
+    gateway.auth.identify(request)
+    body = compat.validate(ShowRequest, compat.read_json_object(await request.body()))
+    name = body.model or body.name
+    if name is None:
+        raise compat.RequestError("model is required", param="model")
+    base = await compat.upstream_model(gateway, name)
+    return ORJSONResponse(
+        {
+            "modelfile": f"# served by chatgate {__version__}\nFROM {base}\n",
+            "parameters": "",
+            "template": "{{ .Prompt }}",
+            "details": _details(name),
+            "model_info": {"general.architecture": "chatgate", "general.basename": base},
+            "capabilities": ["completion"],
+            "modified_at": _MODIFIED_AT,
+        }
+    )
+
+
+@router.get("/api/ps", response_model=Tags)
+async def running() -> dict[str, Any]:
+    """Nothing is loaded by chatgate itself; the upstream keeps its own models warm."""
+    return {"models": []}
+
+
+@router.get("/api/version", response_model=Version)
+async def version() -> dict[str, str]:
+    return {"version": OLLAMA_API_VERSION}

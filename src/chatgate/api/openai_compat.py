@@ -1,0 +1,320 @@
+"""The OpenAI-compatible API: ``POST /v1/chat/completions`` and ``GET /v1/models``, for
+the ``openai`` package, Open WebUI and anything else speaking OpenAI's chat format.
+
+Answers are encoded from the native events of the one chat service; refusals and
+failures come back in OpenAI's error shape (``{"error": {"message", "type", "param",
+"code"}}``), so the ``openai`` package raises its usual exceptions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatgate.api import compat
+from chatgate.api.http import ORJSONResponse
+from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.providers.base import GenerationOptions, Message, Role
+
+# Wire models -------------------------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
+
+
+class CompletionRequest(BaseModel):
+    """What chatgate reads of a chat completion request; other fields are accepted and
+    ignored. ``n`` above 1, tools and non-text content are refused."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: int | None = Field(None, ge=1, le=compat.INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=compat.INT32)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-compat.INT64 - 1, le=compat.INT64)
+    n: int | None = Field(None, ge=1, le=1)
+    tools: list[Any] | None = Field(None, max_length=0)
+    functions: list[Any] | None = Field(None, max_length=0)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    refusal: None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[Choice]
+    usage: CompletionUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+# Errors ------------------------------------------------------------------------------
+
+_OPENAI_CODES = {"not_found": "model_not_found", "unauthorized": "invalid_api_key"}
+
+
+def error_response(exc: ChatError) -> Response:
+    param = exc.param if isinstance(exc, compat.RequestError) else None
+    if exc.code == "not_found":
+        param = "model"
+    return ORJSONResponse(
+        {"error": _error_detail(exc.code, exc.message, exc.status, param)}, status_code=exc.status
+    )
+
+
+def _error_detail(code: str, message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"message": message, "type": kind, "param": param, "code": _OPENAI_CODES.get(code, code)}
+
+
+router = APIRouter(route_class=compat.error_route(error_response))
+ERRORS = compat.error_responses(ErrorBody)
+
+
+# Requests ----------------------------------------------------------------------------
+
+
+def _refuse_unsupported(data: dict[str, Any]) -> None:
+    """Clear refusals for what chatgate does not do, before the schema's generic ones."""
+    n = data.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        raise compat.RequestError("n > 1 is not supported: chatgate returns one choice", param="n")
+    for field in ("tools", "functions"):
+        if data.get(field):
+            raise compat.RequestError("tools and function calling are not supported", param=field)
+    messages = data.get("messages")
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(message, dict):
+            continue
+        if message.get("role") in ("tool", "function"):
+            raise compat.RequestError("tool messages are not supported", param=f"messages.{i}.role")
+        content = message.get("content")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise compat.RequestError(
+                    f"only text content is supported, not {part.get('type')!r}",
+                    param=f"messages.{i}.content",
+                )
+
+
+def _messages(body: CompletionRequest) -> list[Message]:
+    messages: list[Message] = []
+    for message in body.messages:
+        content = message.content
+        text = (
+            "\n".join(part.text for part in content) if isinstance(content, list) else content or ""
+        )
+        role: Role = "system" if message.role == "developer" else message.role
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def _options(body: CompletionRequest) -> GenerationOptions:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return GenerationOptions(
+        temperature=body.temperature,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        top_p=body.top_p,
+        stop=stop,
+        seed=body.seed,
+    )
+
+
+def _finish_reason(done: DoneEvent) -> str:
+    return "length" if done["finish_reason"] == "length" else "stop"
+
+
+def _usage(done: DoneEvent) -> dict[str, int]:
+    prompt, completion = done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class ChunkEncoder:
+    """Native events → ``chat.completion.chunk`` SSE frames, as OpenAI sends them; the
+    envelope is encoded once, so a token costs one ``orjson.dumps`` of its text."""
+
+    def __init__(self, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.envelope: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        self.include_usage = include_usage
+        self.prefix = (
+            b"data: " + orjson.dumps(self.envelope)[:-1] + b',"choices":[{"index":0,"delta":'
+        )
+        self.suffix = (
+            b',"logprobs":null,"finish_reason":null}]'
+            + (b',"usage":null' if include_usage else b"")
+            + b"}\n\n"
+        )
+
+    def __call__(self, event: Event) -> bytes:
+        if event["type"] == "delta":
+            return self.prefix + b'{"content":' + orjson.dumps(event["text"]) + b"}" + self.suffix
+        if event["type"] == "start":
+            return self.prefix + b'{"role":"assistant","content":""}' + self.suffix
+        if event["type"] == "done":
+            return self._finish(event)
+        detail = _error_detail(
+            event["code"], event["message"], compat.STATUS_OF_CODE.get(event["code"], 500)
+        )
+        return b"data: " + orjson.dumps({"error": detail}) + b"\n\n"
+
+    def _finish(self, done: DoneEvent) -> bytes:
+        choice = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(done)}
+        last: dict[str, Any] = {**self.envelope, "choices": [choice]}
+        if not self.include_usage:
+            return b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n"
+        usage = {**self.envelope, "choices": [], "usage": _usage(done)}
+        return (
+            b"data: " + orjson.dumps({**last, "usage": None}) + b"\n\n"
+            b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
+        )
+
+
+# Routes ------------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=compat.openapi_body(CompletionRequest),
+    responses={
+        **ERRORS,
+        200: {
+            "model": ChatCompletion,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+async def chat_completions(request: Request) -> Response:
+    gateway = compat.gateway_of(request)
+    owner = gateway.auth.identify(request)
+    data = compat.read_json_object(await request.body())
+    _refuse_unsupported(data)
+    body = compat.validate(CompletionRequest, data)
+    turn = compat.make_turn(
+        request,
+        _messages(body),
+        model=body.model,
+        options=_options(body),
+        owner=owner,
+        conversation_id=compat.conversation_id_of(request),
+    )
+    generation = await gateway.service.start(turn)
+    completion_id = "chatcmpl-" + generation.id
+    created = int(time.time())
+    if body.stream:
+        events, first = await compat.first_outcome(request, generation)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        encode = ChunkEncoder(completion_id, body.model, created, include_usage)
+        leading: list[Event] = [generation.start_event(), first]
+        return compat.stream_response(
+            turn, generation, events, leading, encode, "text/event-stream"
+        )
+
+    done = await compat.run_to_end(request, generation)
+    completion = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": body.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": generation.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": _finish_reason(done),
+            }
+        ],
+        "usage": _usage(done),
+    }
+    return ORJSONResponse(completion, headers=compat.conversation_headers(turn, generation))
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def list_models(request: Request) -> Response:
+    gateway = compat.gateway_of(request)
+    gateway.auth.identify(request)
+    owner = gateway.provider.name
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "chatgate" if compat.agent_of(name) is not None else owner,
+        }
+        for name in await compat.model_names(gateway)
+    ]
+    return ORJSONResponse({"object": "list", "data": data})
