@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("message", nargs="*")
     chat.set_defaults(run=_chat)
 
-    fake = commands.add_parser("fake-llm", help="deterministic Ollama/OpenAI-compatible upstream")
+    fake = commands.add_parser("fake-llm", help="deterministic Ollama/OpenAI/Gemini-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")
     fake.add_argument("--port", type=int, default=11434)
     fake.add_argument("--tokens", type=int, default=40)

@@ -31,6 +31,10 @@ def configuration_problem(settings: Settings) -> str | None:
     _load_optional()
     if settings.provider == "openai" and not settings.openai_base_url:
         return "CHATGATE_OPENAI_BASE_URL: required when CHATGATE_PROVIDER=openai"
+    if settings.provider == "gemini" and not (
+        settings.gemini_api_key and settings.gemini_api_key.get_secret_value()
+    ):
+        return "GEMINI_API_KEY: required when CHATGATE_PROVIDER=gemini"
     if settings.provider != "auto":
         try:
             provider_factory(settings.provider)

@@ -1,4 +1,5 @@
-"""A deterministic fake LLM upstream speaking Ollama's and OpenAI's streaming wire formats.
+"""A deterministic fake LLM upstream speaking Ollama's and OpenAI's streaming wire formats,
+and Gemini's (its dialect lives in ``fake_gemini.py`` and is mounted here).
 
 Tests, demos and benchmarks point providers at it over loopback. Besides the model routes it
 serves a control API under ``/_fake/``: change pacing, queue faults, read back a timed record
@@ -241,6 +242,13 @@ class _Dialect(ABC):
     def wants_stream(self, body: dict[str, Any]) -> bool:
         stream = body.get("stream")
         return self.stream_default if stream is None else bool(stream)
+
+    def refusal(self, request: web.Request, body: dict[str, Any] | None) -> web.Response | None:
+        """An answer refusing the request before its model is looked at (no key, bad shape)."""
+        return None
+
+    def model(self, request: web.Request, body: dict[str, Any]) -> Any:
+        return body.get("model")
 
 
 class _Ollama(_Dialect):
@@ -495,9 +503,12 @@ async def _serve_turn(request: web.Request, dialect: _Dialect) -> web.StreamResp
     started_at = time.monotonic()
     body = await _read_object(request)
     record = state.open_record(request.path, body, started_at)
+    refusal = dialect.refusal(request, body)
+    if refusal is not None:
+        return record.finish(refusal)
     if body is None:
         return record.finish(dialect.error(400, "request body must be a JSON object"))
-    model = body.get("model")
+    model = dialect.model(request, body)
     if not isinstance(model, str) or not model:
         return record.finish(dialect.error(400, "model is required"))
     if state.is_missing(model):
@@ -668,6 +679,9 @@ def create_app(settings: FakeSettings) -> web.Application:
     app.router.add_post("/api/generate", _turn_handler(_OllamaGenerate()))
     app.router.add_get("/v1/models", _openai_models)
     app.router.add_post("/v1/chat/completions", _turn_handler(_OpenAIChat()))
+    from chatgate.testing.fake_gemini import add_gemini_routes  # it builds on this module
+
+    add_gemini_routes(app)
     app.router.add_post("/_fake/config", _configure)
     app.router.add_post("/_fake/faults", _queue_faults)
     app.router.add_get("/_fake/requests", _list_requests)
