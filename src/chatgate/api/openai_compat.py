@@ -253,7 +253,15 @@ class ChunkEncoder:
         **ERRORS,
         200: {
             "model": ChatCompletion,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # Each Server-Sent Event carries one chat.completion.chunk as JSON in `data`.
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                    }
+                }
+            },
         },
     },
 )
