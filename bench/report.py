@@ -1,0 +1,247 @@
+"""bench/RESULTS.md and bench/chart.png from run.py's results.json.
+
+    .venv/bin/python bench/report.py [bench/out/results.json] [RESULTS.md] [chart.png]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHATGATE_TARGETS = ("chat", "ws", "openai")
+
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    passed: bool | None  # None: not measured
+
+    @property
+    def mark(self) -> str:
+        return {True: "pass", False: "**FAIL**", None: "not measured"}[self.passed]
+
+
+def _cell(results: dict[str, Any], target: str, level: int) -> dict[str, Any] | None:
+    return next((c for c in results["cells"] if c["target"] == target and c["concurrency"] == level), None)
+
+
+def added_ttft(results: dict[str, Any], cell: dict[str, Any]) -> float | None:
+    direct = _cell(results, "direct", cell["concurrency"])
+    if direct is None or cell["target"] == "direct" or None in (cell["ttft_p50_ms"], direct["ttft_p50_ms"]):
+        return None
+    return float(cell["ttft_p50_ms"] - direct["ttft_p50_ms"])
+
+
+def _ratio(results: dict[str, Any], cell: dict[str, Any]) -> float | None:
+    direct = _cell(results, "direct", cell["concurrency"])
+    if direct is None or not direct["answers_per_s"]:
+        return None
+    return float(cell["answers_per_s"] / direct["answers_per_s"])
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:,.{digits}f}{suffix}"
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    found: list[Verdict] = []
+    labels = {"chat": "POST /chat", "ws": "/ws", "openai": "/v1/chat/completions"}
+    for key in CHATGATE_TARGETS:
+        cell = _cell(results, key, 1)
+        added = added_ttft(results, cell) if cell else None
+        found.append(Verdict(f"added TTFT p50 at 1 client ≤ 1 ms ({labels[key]})",
+                             _fmt(added, 3, " ms"), None if added is None else added <= 1.0))
+    for key, floor, label in (("chat", 1000, "HTTP streaming (/chat)"),
+                              ("ws", 800, "WebSocket, new connection per answer")):
+        cell = _cell(results, key, 50)
+        rate = cell["answers_per_s"] if cell else None
+        found.append(Verdict(f"≥ {floor:,} answers/s at 50 clients, {label}", _fmt(rate, 0, " answers/s"),
+                             None if rate is None else rate >= floor))
+    streams = results.get("streams")
+    best = streams["max_streams_within_budget"] if streams else None
+    found.append(Verdict("≥ 2,000 concurrent 20-tokens/s WebSocket streams, added p99 gap ≤ 50 ms",
+                         "-" if best is None else f"{best:,} streams", None if best is None else best >= 2000))
+    idle = results.get("idle_ws")
+    per = idle["kib_per_connection"] if idle else None
+    found.append(Verdict("≤ 30 KiB RSS per idle WebSocket connection", _fmt(per, 1, " KiB"),
+                         None if per is None else per <= 30))
+    return found
+
+
+def _table(results: dict[str, Any]) -> list[str]:
+    labels = {t["key"]: t["label"] for t in results.get("targets", [])}
+    lines = [
+        "| target | clients | answers/s | vs direct | TTFT p50 | TTFT p99 | added TTFT p50 | gap p99 "
+        "| server CPU s / 1k tokens | server cores | answers/s per server core | peak RSS | RSS after "
+        "| client cores | other cores | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for cell in sorted(results["cells"], key=lambda c: (c["concurrency"], list(labels).index(c["target"]))):
+        ttft = f"{_fmt(cell['ttft_p50_ms'])} ms"
+        if cell.get("connect_p50_ms") is not None:
+            ttft += f" (+{_fmt(cell['connect_p50_ms'])} connect)"
+        cores = cell["server_cpu_share"]
+        lines.append(
+            f"| {labels.get(cell['target'], cell['target'])} | {cell['concurrency']} "
+            f"| {cell['answers_per_s']:,.0f} | {_fmt(_ratio(results, cell))} | {ttft} "
+            f"| {_fmt(cell['ttft_p99_ms'])} ms | {_fmt(added_ttft(results, cell), 3, ' ms')} "
+            f"| {_fmt(cell['gap_p99_ms'], 3)} ms | {_fmt(cell['server_cpu_s_per_1k_tokens'], 3)} "
+            f"| {cores:.2f} | {_fmt(cell['answers_per_s'] / cores if cores else None, 0)} "
+            f"| {cell['peak_rss_kib'] / 1024:,.0f} MiB | {cell['rss_kib'] / 1024:,.0f} MiB "
+            f"| {cell['client_cpu_share']:.2f} | {cell['other_cores']:.2f} | {cell['errors']} |"
+        )
+    return lines
+
+
+def _streams(results: dict[str, Any]) -> list[str]:
+    streams = results.get("streams")
+    if not streams:
+        return ["Not run."]
+    lines = [
+        f"Each stream is a new `/ws` connection asking for {streams.get('answer_s', '?')} s of tokens at "
+        f"20 tokens/s; streams start evenly over max(1 s, count/1000 s). *Held* gaps are those while every "
+        f"stream is open (from 1 s after the last start until the first is due to end). Largest count with "
+        f"held p99 gap minus the nominal {streams['nominal_gap_ms']:.0f} ms ≤ {streams['budget_ms']:.0f} ms "
+        f"and ≥ 99 % of streams complete: **{streams['max_streams_within_budget']:,}**.",
+        "",
+        "| streams | via | completed | held gap p50 | held gap p99 | added p99 | held gap max "
+        "| whole-run gap p99 | TTFT p50 | server cores | client cores | machine busy cores |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for step in streams["steps"]:
+        lines.append(
+            f"| {step['streams']:,} | {'chatgate /ws' if step['via'] == 'ws' else 'direct NDJSON'} "
+            f"| {step['completed']:,} | {_fmt(step['gap_p50_ms'])} ms | {_fmt(step['gap_p99_ms'])} ms "
+            f"| {_fmt(step['added_gap_p99_ms'])} ms | {_fmt(step['gap_max_ms'])} ms "
+            f"| {_fmt(step['whole_run_gap_p99_ms'])} ms | {_fmt(step['ttft_p50_ms'])} ms "
+            f"| {step['server_cpu_share']:.2f} | {step['client_cpu_share']:.2f} | {step['machine_busy_cores']:.2f} |"
+        )
+    return lines
+
+
+def _idle(results: dict[str, Any]) -> str:
+    idle = results.get("idle_ws")
+    if not idle:
+        return "Not run."
+    return (
+        f"{idle['opened']:,} of {idle['requested']:,} idle `/ws` connections opened in {idle['open_s']:.1f} s "
+        f"({idle['failed']} failed, {idle['still_open_at_release']:,} still open when released): gateway RSS "
+        f"{idle['rss_before_kib'] / 1024:,.1f} → {idle['rss_held_kib'] / 1024:,.1f} MiB, "
+        f"**{_fmt(idle['kib_per_connection'], 1)} KiB per connection** "
+        f"({idle['rss_after_close_kib'] / 1024:,.1f} MiB after they closed)."
+    )
+
+
+def markdown(results: dict[str, Any], chart_name: str) -> str:
+    m = results["machine"]
+    s = results["settings"]
+    dirty = " (src/ had uncommitted changes)" if results.get("uncommitted_changes") else ""
+    lines = [
+        "# chatgate benchmark results",
+        "",
+        f"- date: {results['date']}; commit `{results['commit']}`{dirty}; mode: {results['mode']} "
+        f"(`bench/run.py`, {results.get('elapsed_s', '?')} s)",
+        f"- machine: {m['cores']} cores, {m['cpu_model']}, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}; load average at start {m['load_average_at_start']} "
+        "(other work shares this machine, so figures are noisy)",
+        f"- every process on loopback: fake upstream ({s['tokens']} tokens, no delay), chatgate "
+        f"({s['workers']} worker, {s['store']} store), {s['load_processes']} load processes "
+        f"(aiohttp + uvloop); {s['warmup_s']:.0f} s warm-up, then {s['duration_s']:.0f} s measured per cell; "
+        f"each cell run {s.get('repeat', 1)} time(s) after waiting up to {s.get('quiet_wait_s', 0):.0f} s for the "
+        "machine to calm down, keeping the attempt other processes disturbed least (all attempts are in "
+        "results.json)",
+        f"- LiteLLM: {results.get('litellm_version', '')} "
+        + next((t["status"] for t in results.get("targets", []) if t["key"] == "litellm"), "not selected"),
+        "",
+        "## Targets",
+        "",
+        "| target | measured | result |",
+        "|---|--:|---|",
+        *[f"| {v.target} | {v.measured} | {v.mark} |" for v in verdicts(results)],
+        "",
+        "## Answers",
+        "",
+        "Closed loop: each client asks again as soon as its answer ends. TTFT counts from the request "
+        "(for `/ws`, from the chat frame; the handshake is shown apart). *added TTFT* is the target's "
+        "p50 minus the direct upstream's at the same concurrency. *gap* is the time between two "
+        "tokens reaching the client. *server CPU* is the process serving that target (for direct, the "
+        "fake itself); *peak RSS* is VmHWM since the cell began; *client CPU* is cores used by the "
+        "load processes; *other cores* is what everything else on the machine used meanwhile.",
+        "",
+        *_table(results),
+        "",
+        *[f"- {t['label']}: {t['status']}" for t in results.get("targets", []) if t["status"] != "ok"],
+        "",
+        f"![answers/s and added TTFT]({chart_name})",
+        "",
+        "## Idle WebSockets",
+        "",
+        _idle(results),
+        "",
+        "## Concurrent 20-tokens/s streams",
+        "",
+        *_streams(results),
+        "",
+        "Raw figures: `bench/out/results.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {t["key"]: t["label"] for t in results.get("targets", [])}
+    keys = [k for k in labels if any(c["target"] == k for c in results["cells"])]
+    colours = {key: f"C{index}" for index, key in enumerate(labels)}
+    levels = sorted({c["concurrency"] for c in results["cells"]})
+    figure, (rate_axes, added_axes) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.8 / max(1, len(keys))
+    for index, key in enumerate(keys):
+        xs = [i + index * width for i in range(len(levels))]
+        cells = [_cell(results, key, level) for level in levels]
+        rate_axes.bar(xs, [c["answers_per_s"] if c else 0 for c in cells], width, label=labels[key],
+                      color=colours[key])
+        if key != "direct":
+            added = [(added_ttft(results, c) or 0) if c else 0 for c in cells]
+            added_axes.bar(xs, added, width, label=labels[key], color=colours[key])
+    for axes, title, unit in ((rate_axes, "answers per second", "answers/s"),
+                              (added_axes, "added TTFT p50 vs direct", "ms (symlog)")):
+        axes.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(levels))])
+        axes.set_xticklabels([f"{level} client{'s' if level > 1 else ''}" for level in levels])
+        axes.set_title(title)
+        axes.set_ylabel(unit)
+        axes.grid(axis="y", alpha=0.3)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(fontsize=8)
+    added_axes.set_yscale("symlog", linthresh=1.0)
+    figure.suptitle(f"chatgate bench {results['date']} ({results['commit']})")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write(results: dict[str, Any], markdown_path: Path, chart_path: Path) -> None:
+    drawn = chart(results, chart_path)
+    text = markdown(results, chart_path.name)
+    if not drawn:
+        text = text.replace(f"![answers/s and added TTFT]({chart_path.name})", "(no chart: matplotlib is not installed)")
+    markdown_path.write_text(text)
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("out") / "results.json"
+    here = Path(__file__).parent
+    write(json.loads(source.read_text()),
+          Path(sys.argv[2]) if len(sys.argv) > 2 else here / "RESULTS.md",
+          Path(sys.argv[3]) if len(sys.argv) > 3 else here / "chart.png")

@@ -1,0 +1,283 @@
+"""chatgate benchmark: every target side by side in one run, on loopback.
+
+    .venv/bin/python bench/run.py [--quick] [--duration S] [--litellm-venv PATH] [--store sqlite]
+    ./bench/run.sh [same options]     # bootstraps .venv first
+
+Targets: the fake upstream directly (Ollama NDJSON), chatgate over ``POST /chat`` streaming,
+its native ``/ws`` (a new connection per answer) and ``/v1/chat/completions`` (SSE), and the
+LiteLLM proxy when bench/.litellm-venv (see install-litellm.sh) or --litellm-venv has it.
+Writes bench/out/results.json, then bench/RESULTS.md and bench/chart.png (for --quick:
+bench/out/RESULTS.md and bench/out/chart.png, so a quick check never replaces the record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import hotspots
+import report
+from scenarios import Settings, Target, answers_cell, idle_websockets, stream_ramp
+from servers import (
+    REPO,
+    ProcessTree,
+    Service,
+    StartError,
+    http_status,
+    litellm_binary,
+    raise_nofile_limit,
+    start_fake,
+    start_gateway,
+    start_litellm,
+)
+
+BENCH = REPO / "bench"
+ALL_TARGETS = ("direct", "chat", "ws", "openai", "litellm")
+STREAM_COUNTS = (250, 500, 750, 1000, 1500, 2000, 3000, 4000, 5000, 6000)
+QUICK_STREAM_COUNTS = (250, 1000, 2000)
+ATTEMPT_KEYS = ("answers_per_s", "ttft_p50_ms", "gap_p99_ms", "server_cpu_share", "other_cores")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short cells (3 s) and a short stream ramp")
+    parser.add_argument("--duration", type=float, help="measured seconds per cell (default 10, quick 3)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per cell (default 2, quick 1)")
+    parser.add_argument("--litellm-venv", type=Path, help="virtualenv holding bin/litellm")
+    parser.add_argument("--store", choices=("memory", "sqlite"), default="memory")
+    parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    parser.add_argument("--levels", default="1,50,200", help="concurrency levels, comma separated")
+    parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
+    parser.add_argument("--skip", default="", help="comma list of: idle, streams")
+    parser.add_argument("--idle-connections", type=int, help="idle WebSockets (default 5000, quick 1000)")
+    parser.add_argument("--stream-counts", help="comma list of concurrent stream counts to try")
+    parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50 - py-spy the server during that cell")
+    parser.add_argument("--repeat", type=int, default=1, help="run each answers cell N times, keep the "
+                        "one other processes disturbed least")
+    parser.add_argument("--quiet-wait", type=float, help="seconds to wait before each cell for the "
+                        "machine to fall below 0.3 busy cores (default 10, quick 0)")
+    parser.add_argument("--out", type=Path, default=BENCH / "out")
+    return parser.parse_args(argv)
+
+
+def machine() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def git(*args: str) -> str:
+    try:
+        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return result.stdout.strip()
+
+
+def probe(target: Target) -> str:
+    """One non-streamed request: a route that is not there yet is reported, not fatal."""
+    if target.protocol not in ("sse",):
+        return "ok"
+    body = json.dumps({"model": target.model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    try:
+        status = http_status(target.url, body, timeout_s=30)
+    except OSError as exc:
+        return f"unreachable: {exc}"
+    return "ok" if status == 200 else f"missing: {target.url.split('/', 3)[-1]} answered {status}"
+
+
+def start_profilers(service: Service, seconds: float, out: Path, name: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the server for the cell: a flamegraph SVG and raw stacks for hotspots.summarise."""
+    py_spy = Path(sys.executable).with_name("py-spy")
+    if not py_spy.exists():
+        print("  (py-spy is not installed in the venv: no profile)", flush=True)
+        return []
+    common = [str(py_spy), "record", "--nonblocking", "--pid", str(service.pid), "-d", str(int(seconds))]
+    return [
+        subprocess.Popen([*common, "-o", str(out / f"profile-{name}.svg")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([*common, "-f", "raw", "-o", str(out / f"profile-{name}.txt")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+
+
+def attach_profilers(profilers: list[subprocess.Popen[bytes]], service: Service, seconds: float, out: Path,
+                     name: str) -> None:
+    """Profile the first attempt of a cell only."""
+    if not profilers:
+        profilers.extend(start_profilers(service, seconds, out, name))
+
+
+def build_targets(args: argparse.Namespace, fake: Service, gateway: Service, litellm: Service | None,
+                  litellm_status: str) -> list[Target]:
+    server = ProcessTree(gateway.pid)
+    ws_url = gateway.url.replace("http://", "ws://") + "/ws"
+    targets = [
+        Target("direct", "direct (fake Ollama NDJSON)", "ollama", f"{fake.url}/api/chat", ProcessTree(fake.pid)),
+        Target("chat", "chatgate POST /chat", "text", f"{gateway.url}/chat", server),
+        Target("ws", "chatgate /ws (new conn/answer)", "ws", ws_url, server),
+        Target("openai", "chatgate /v1/chat/completions", "sse", f"{gateway.url}/v1/chat/completions", server),
+        Target("litellm", "LiteLLM /v1/chat/completions", "sse", "", None, "ollama_chat/fake-model", litellm_status),
+    ]
+    if litellm is not None:
+        targets[-1].url = f"{litellm.url}/v1/chat/completions"
+        targets[-1].server = ProcessTree(litellm.pid)
+    wanted = set(args.targets.split(","))
+    chosen = [t for t in targets if t.key in wanted]
+    for target in chosen:
+        if target.status == "ok":
+            target.status = probe(target)
+    return chosen
+
+
+def run_answers(args: argparse.Namespace, settings: Settings, fake: Service, gateway: Service,
+                litellm: Service | None, litellm_status: str, results: dict[str, Any]) -> None:
+    targets = build_targets(args, fake, gateway, litellm, litellm_status)
+    results["targets"] = [{"key": t.key, "label": t.label, "url": t.url, "status": t.status} for t in targets]
+    upstream = ProcessTree(fake.pid)
+    for level in (int(x) for x in args.levels.split(",")):
+        for target in targets:
+            if target.status != "ok":
+                continue
+            profilers: list[subprocess.Popen[bytes]] = []
+            name = f"{target.key}-{level}"
+            service = litellm if target.key == "litellm" else gateway
+            hook = None
+            if args.profile == f"{target.key}:{level}" and service is not None:
+                seconds = settings.warmup_s + settings.duration_s
+                hook = functools.partial(attach_profilers, profilers, service, seconds, args.out, name)
+            attempts = [answers_cell(target, level, settings, upstream, hook) for _ in range(args.repeat)]
+            for profiler in profilers:
+                profiler.wait(timeout=60)
+            if profilers:
+                (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
+            # Others share this machine: keep the attempt they disturbed least, show the rest.
+            cell = min(attempts, key=lambda c: c["other_cores"])
+            cell["attempts"] = [{k: a[k] for k in ATTEMPT_KEYS} for a in attempts]
+            results["cells"].append(cell)
+            print(f"  {target.key:>7} x{level:<4} {cell['answers_per_s']:8.1f} answers/s  ttft p50 "
+                  f"{cell['ttft_p50_ms']} ms  errors {cell['errors']}", flush=True)
+
+
+def run_special(args: argparse.Namespace, settings: Settings, services: list[Service], results: dict[str, Any]) -> None:
+    """Idle sockets and the 20-tokens/s stream ramp, on a fresh gateway over a paced fake."""
+    skip = set(args.skip.split(","))
+    if {"idle", "streams"} <= skip:
+        return
+    answer_s = 6.0 if args.quick else 15.0
+    stream_settings = Settings(load_processes=settings.load_processes, tokens=int(answer_s * 20),
+                               quiet_wait_s=settings.quiet_wait_s)
+    slow = start_fake(args.out / "logs", "fake-20tps", stream_settings.tokens, tps=20)
+    services.append(slow)
+    gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), args.workers)
+    services.append(gateway)
+    ws_url = gateway.url.replace("http://", "ws://") + "/ws"
+    if "idle" not in skip:
+        count = args.idle_connections or (1000 if args.quick else 5000)
+        print(f"idle WebSockets: {count}", flush=True)
+        results["idle_ws"] = idle_websockets(ws_url, ProcessTree(gateway.pid), count, settings.load_processes)
+        print(f"  {results['idle_ws']['kib_per_connection']} KiB per connection", flush=True)
+    if "streams" not in skip:
+        counts = [int(x) for x in args.stream_counts.split(",")] if args.stream_counts else list(
+            QUICK_STREAM_COUNTS if args.quick else STREAM_COUNTS)
+        print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
+        via_gateway = Target("ws", "chatgate /ws", "ws", ws_url, ProcessTree(gateway.pid))
+        direct = Target("direct", "direct", "ollama", f"{slow.url}/api/chat", ProcessTree(slow.pid))
+        results["streams"] = stream_ramp(via_gateway, direct, counts, stream_settings, answer_s, args.repeat)
+
+
+def store_url(args: argparse.Namespace) -> str:
+    if args.store == "memory":
+        return "memory"
+    path = args.out / "bench.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    raise_nofile_limit()
+    settings = Settings(
+        warmup_s=args.warmup if args.warmup is not None else (1.0 if args.quick else 2.0),
+        duration_s=args.duration if args.duration is not None else (3.0 if args.quick else 10.0),
+        quiet_wait_s=args.quiet_wait if args.quiet_wait is not None else (0.0 if args.quick else 10.0),
+    )
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
+        "machine": machine(),
+        "settings": {"warmup_s": settings.warmup_s, "duration_s": settings.duration_s, "store": args.store,
+                     "workers": args.workers, "tokens": settings.tokens, "load_processes": settings.load_processes,
+                     "repeat": args.repeat, "quiet_wait_s": settings.quiet_wait_s},
+        "cells": [],
+    }
+    started = time.monotonic()
+    services: list[Service] = []
+    try:
+        fake = start_fake(args.out / "logs", "fake-llm", settings.tokens)
+        services.append(fake)
+        gateway = start_gateway(args.out / "logs", "chatgate", fake.url, store_url(args), args.workers)
+        services.append(gateway)
+        litellm, litellm_status = None, "not installed (bench/install-litellm.sh)"
+        binary = litellm_binary(args.litellm_venv)
+        if "litellm" not in args.targets.split(","):
+            litellm_status = "not selected"
+        elif binary is not None:
+            try:
+                litellm = start_litellm(args.out / "logs", binary, fake.url)
+                services.append(litellm)
+                litellm_status = "ok"
+                results["litellm_version"] = litellm_version(binary)
+            except StartError as exc:
+                litellm_status = f"failed to start: {str(exc).splitlines()[0]}"
+        print(f"fake {fake.url}, chatgate {gateway.url} (pid {gateway.pid}), litellm: {litellm_status}", flush=True)
+        run_answers(args, settings, fake, gateway, litellm, litellm_status, results)
+        for service in reversed(services):
+            service.stop()
+        services.clear()
+        run_special(args, settings, services, results)
+    finally:
+        for service in reversed(services):
+            service.stop()
+        results["elapsed_s"] = round(time.monotonic() - started, 1)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    target_dir = args.out if args.quick else BENCH
+    report.write(results, target_dir / "RESULTS.md", target_dir / "chart.png")
+    print(f"wrote {target_dir / 'RESULTS.md'} and {target_dir / 'chart.png'} in {results['elapsed_s']} s")
+    return 0
+
+
+def litellm_version(binary: Path) -> str:
+    python = binary.with_name("python")
+    try:
+        result = subprocess.run([str(python), "-c", "from importlib.metadata import version; print(version('litellm'))"],
+                                capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return result.stdout.strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""The benchmark's scenarios, each driving load.py processes against one target:
+answers at a concurrency level, idle WebSockets, and a ramp of 20-tokens/s streams."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from servers import ProcessTree, machine_busy_s, wait_for_quiet
+from stats import Histogram, percentile
+
+LOAD_SCRIPT = Path(__file__).with_name("load.py")
+READY_S = 20.0
+GO_DELAY_S = 0.3
+NOMINAL_GAP_MS = 50.0  # 20 tokens/s
+GAP_BUDGET_MS = 50.0
+MIN_COMPLETED = 0.99
+STEADY_SETTLE_S = 1.0
+
+
+@dataclass
+class Target:
+    key: str
+    label: str
+    protocol: str
+    url: str
+    server: ProcessTree | None = None
+    model: str = "fake-model"
+    status: str = "ok"
+
+
+@dataclass
+class Settings:
+    warmup_s: float = 2.0
+    duration_s: float = 10.0
+    load_processes: int = 2
+    answer_timeout_s: float = 30.0
+    tokens: int = 40
+    #: Before each cell, wait up to this long for other work on the machine to calm down.
+    quiet_wait_s: float = 0.0
+    quiet_below_cores: float = 0.3
+
+
+class LoadGroup:
+    """load.py processes sharing one job; a thread per process turns stdout into a queue."""
+
+    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        self.processes: list[subprocess.Popen[str]] = []
+        self.lines: list[queue.Queue[dict[str, Any]]] = []
+        for job in jobs:
+            process = subprocess.Popen(
+                [sys.executable, str(LOAD_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(json.dumps(job) + "\n")
+            process.stdin.flush()
+            lines: queue.Queue[dict[str, Any]] = queue.Queue()
+            threading.Thread(target=self._pump, args=(process, lines), daemon=True).start()
+            self.processes.append(process)
+            self.lines.append(lines)
+
+    @staticmethod
+    def _pump(process: subprocess.Popen[str], lines: queue.Queue[dict[str, Any]]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.put(json.loads(line))
+        lines.put({"exited": process.wait()})
+
+    def expect(self, key: str, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        found = []
+        for lines in self.lines:
+            try:
+                message = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"load process gave no {key!r} within {timeout_s:.0f} s") from None
+            if key not in message:
+                raise RuntimeError(f"load process: expected {key!r}, got {message}")
+            found.append(message)
+        return found
+
+    def tell(self, line: str) -> None:
+        for process in self.processes:
+            if process.stdin is not None and process.poll() is None:
+                process.stdin.write(line + "\n")
+                process.stdin.flush()
+
+    def go(self) -> float:
+        self.expect("ready", READY_S)
+        t0 = time.monotonic() + GO_DELAY_S
+        self.tell(f"go {t0}")
+        return t0
+
+    def cpu_s(self) -> float:
+        return sum(ProcessTree(p.pid).cpu_s() for p in self.processes)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait(timeout=5)
+
+
+def split(total: int, parts: int) -> list[int]:
+    parts = max(1, min(parts, total))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    gaps = Histogram()
+    errors: dict[str, int] = {}
+    for result in results:
+        gaps.merge(Histogram.from_json(result["gaps"]))
+        for message, count in result["error_samples"].items():
+            errors[message] = errors.get(message, 0) + count
+    ttft = [v for r in results for v in r["ttft_ms"]]
+    connect = [v for r in results for v in r["connect_ms"]]
+    return {
+        "completed": sum(r["completed"] for r in results),
+        "errors": sum(r["errors"] for r in results),
+        "error_samples": errors,
+        "tokens": sum(r["tokens"] for r in results),
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p90_ms": percentile(ttft, 90),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "connect_p50_ms": percentile(connect, 50),
+        "gap_p50_ms": gaps.percentile_ms(50),
+        "gap_p99_ms": gaps.percentile_ms(99),
+        "gap_max_ms": gaps.percentile_ms(100),
+        "gap_histogram_us": gaps.to_json(),
+        "client_cpu_s": sum(r["client_cpu_s"] for r in results),
+    }
+
+
+def answers_cell(target: Target, concurrency: int, settings: Settings, upstream: ProcessTree,
+                 on_go: Callable[[], object] | None = None) -> dict[str, Any]:
+    """Closed loop: ``concurrency`` clients, each asking again as soon as an answer ends.
+    ``on_go`` runs just before the load starts (run.py attaches py-spy there)."""
+    base = {"mode": "answers", "protocol": target.protocol, "url": target.url, "model": target.model,
+            "tokens": settings.tokens, "warmup_s": settings.warmup_s, "duration_s": settings.duration_s,
+            "answer_timeout_s": settings.answer_timeout_s}
+    shares = split(concurrency, 1 if concurrency == 1 else settings.load_processes)
+    background = wait_for_quiet(settings.quiet_wait_s, settings.quiet_below_cores)
+    group = LoadGroup([{**base, "concurrency": share} for share in shares])
+    server = target.server
+    try:
+        if on_go is not None:
+            on_go()
+        t0 = group.go()
+        if server is not None:
+            server.reset_peak()
+        start = t0 + settings.warmup_s
+        _sleep_until(start)
+        before = (server.cpu_s() if server else 0.0, upstream.cpu_s(), group.cpu_s(), machine_busy_s())
+        _sleep_until(start + settings.duration_s)
+        after = (server.cpu_s() if server else 0.0, upstream.cpu_s(), group.cpu_s(), machine_busy_s())
+        rss = server.rss_kib() if server else 0
+        peak = server.peak_kib() if server else 0
+        results = [m["result"] for m in group.expect("result", settings.answer_timeout_s + 20)]
+    finally:
+        group.close()
+    cell = _merged(results)
+    tokens = max(cell["tokens"], 1)
+    cell.update(
+        target=target.key,
+        concurrency=concurrency,
+        load_processes=len(shares),
+        answers_per_s=cell["completed"] / settings.duration_s,
+        server_cpu_s=after[0] - before[0],
+        server_cpu_s_per_1k_tokens=(after[0] - before[0]) / tokens * 1000,
+        upstream_cpu_s=after[1] - before[1],
+        server_cpu_share=(after[0] - before[0]) / settings.duration_s,
+        client_cpu_share=(after[2] - before[2]) / settings.duration_s,
+        machine_busy_cores=(after[3] - before[3]) / settings.duration_s,
+        background_cores_before=background,
+        other_cores=((after[3] - before[3]) - (after[2] - before[2]) - (after[0] - before[0])
+                     - (0 if server and server.root == upstream.root else after[1] - before[1])) / settings.duration_s,
+        rss_kib=rss,
+        peak_rss_kib=peak,
+    )
+    return cell
+
+
+def idle_websockets(url: str, server: ProcessTree, connections: int, processes: int) -> dict[str, Any]:
+    """RSS the gateway adds per idle ``/ws`` connection, on a gateway that has only been
+    warmed up by a few connections (a busy one would hide sockets in freed heap)."""
+    warm = LoadGroup([{"mode": "idle", "protocol": "ws", "url": url, "connections": 50}])
+    try:
+        warm.go()
+        warm.expect("opened", 30)
+        warm.tell("release")
+        warm.expect("result", 30)
+    finally:
+        warm.close()
+    time.sleep(1.0)
+    before = server.rss_kib()
+    shares = split(connections, processes)
+    group = LoadGroup([{"mode": "idle", "protocol": "ws", "url": url, "connections": share, "hold_s": 120}
+                       for share in shares])
+    try:
+        group.go()
+        opened = group.expect("opened", 180)
+        time.sleep(2.0)
+        held = server.rss_kib()
+        group.tell("release")
+        results = [m["result"] for m in group.expect("result", 60)]
+    finally:
+        group.close()
+    time.sleep(1.0)
+    total = sum(m["opened"] for m in opened)
+    return {
+        "requested": connections,
+        "opened": total,
+        "still_open_at_release": sum(r["still_open"] for r in results),
+        "failed": sum(r["failed"] for r in results),
+        "error_samples": {k: v for r in results for k, v in r["error_samples"].items()},
+        "open_s": max(m["open_s"] for m in opened),
+        "rss_before_kib": before,
+        "rss_held_kib": held,
+        "rss_after_close_kib": server.rss_kib(),
+        "kib_per_connection": (held - before) / total if total else None,
+    }
+
+
+@dataclass
+class StreamStep:
+    streams: int
+    via: str
+    completed: int
+    errors: int
+    gap_p50_ms: float | None
+    gap_p99_ms: float | None
+    gap_max_ms: float | None
+    added_gap_p99_ms: float | None
+    whole_run_gap_p99_ms: float | None
+    steady_gaps: int
+    ttft_p50_ms: float | None
+    server_cpu_share: float
+    client_cpu_share: float
+    machine_busy_cores: float
+    background_cores_before: float
+    error_samples: dict[str, int]
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.added_gap_p99_ms is not None
+            and self.added_gap_p99_ms <= GAP_BUDGET_MS
+            and self.completed >= MIN_COMPLETED * self.streams
+        )
+
+
+def stream_step(target: Target, streams: int, settings: Settings, answer_s: float) -> StreamStep:
+    stagger_s = max(1.0, streams / 1000)
+    base = {"mode": "streams", "protocol": target.protocol, "url": target.url, "model": target.model,
+            "tokens": settings.tokens, "stagger_s": stagger_s, "answer_timeout_s": answer_s + 30,
+            "steady_from_s": stagger_s + STEADY_SETTLE_S, "steady_to_s": answer_s - STEADY_SETTLE_S / 2}
+    background = wait_for_quiet(settings.quiet_wait_s, settings.quiet_below_cores)
+    group = LoadGroup([{**base, "streams": share} for share in split(streams, settings.load_processes)])
+    server = target.server
+    try:
+        t0 = group.go()
+        server_cpu = server.cpu_s() if server else 0.0
+        busy = machine_busy_s()
+        results = [m["result"] for m in group.expect("result", stagger_s + answer_s + 60)]
+        wall = time.monotonic() - t0
+        server_cpu = (server.cpu_s() if server else 0.0) - server_cpu
+        busy = machine_busy_s() - busy
+    finally:
+        group.close()
+    merged = _merged(results)
+    steady = Histogram()
+    for result in results:
+        steady.merge(Histogram.from_json(result["steady_gaps"]))
+    p99 = steady.percentile_ms(99)
+    return StreamStep(
+        streams=streams,
+        via=target.key,
+        completed=merged["completed"],
+        errors=merged["errors"],
+        gap_p50_ms=steady.percentile_ms(50),
+        gap_p99_ms=p99,
+        gap_max_ms=steady.percentile_ms(100),
+        added_gap_p99_ms=None if p99 is None else p99 - NOMINAL_GAP_MS,
+        whole_run_gap_p99_ms=merged["gap_p99_ms"],
+        steady_gaps=steady.total,
+        ttft_p50_ms=merged["ttft_p50_ms"],
+        server_cpu_share=server_cpu / wall,
+        client_cpu_share=merged["client_cpu_s"] / wall,
+        machine_busy_cores=busy / wall,
+        background_cores_before=background,
+        error_samples=merged["error_samples"],
+    )
+
+
+def stream_ramp(gateway: Target, direct: Target, counts: list[int], settings: Settings, answer_s: float,
+                attempts: int = 1) -> dict[str, Any]:
+    """Raise the number of concurrent streams until the gateway's added p99 gap is over budget.
+    Gaps count while every stream is held: from 1 s after the last one started until the first
+    one is due to end (the whole run's p99, connection storm included, is kept beside it).
+    A step over budget is tried up to ``attempts`` times and keeps its best try."""
+    steps: list[StreamStep] = []
+    best = 0
+    for count in counts:
+        step = stream_step(gateway, count, settings, answer_s)
+        for _ in range(attempts - 1):  # a step over budget gets another try: others share the machine
+            if step.passed:
+                break
+            retry = stream_step(gateway, count, settings, answer_s)
+            step = retry if (retry.added_gap_p99_ms or 1e9) < (step.added_gap_p99_ms or 1e9) else step
+        reference = stream_step(direct, count, settings, answer_s)
+        steps += [step, reference]
+        print(f"  streams {count:>5}: held p99 gap via chatgate {step.gap_p99_ms} ms ({step.completed} ok, "
+              f"{step.server_cpu_share:.2f} cores), direct {reference.gap_p99_ms} ms ({reference.completed} ok)",
+              flush=True)
+        if not step.passed:
+            break
+        best = count
+    return {"max_streams_within_budget": best, "budget_ms": GAP_BUDGET_MS, "nominal_gap_ms": NOMINAL_GAP_MS,
+            "answer_s": answer_s,
+            "steps": [asdict(s) | {"passed": s.passed} for s in steps]}
