@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     )
     session_ttl_s: float = Field(3600.0, gt=0, validation_alias=_env("CHATGATE_SESSION_TTL_S"))
     memory_ttl_min: float | None = Field(None, gt=0, validation_alias=_env("MEMORY_TTL_MIN"))
+    sequential_session_ttl_s: float = Field(
+        300.0, gt=0, validation_alias=_env("CHATGATE_SEQUENTIAL_SESSION_TTL_S")
+    )
     max_conversations: int = Field(
         10_000, ge=1, validation_alias=_env("CHATGATE_MAX_CONVERSATIONS", "MEMORY_MAX_CONVERSATIONS")
     )
@@ -148,6 +151,13 @@ class Settings(BaseSettings):
     def _minutes_alias(self) -> Settings:
         if self.memory_ttl_min is not None and "session_ttl_s" not in self.model_fields_set:
             self.session_ttl_s = self.memory_ttl_min * 60
+        return self
+
+    @model_validator(mode="after")
+    def _debug_logs(self) -> Settings:
+        """``OLLAMA_DEBUG=1`` (CS_Agent) meant debug logging: so does ``CHATGATE_DEBUG``."""
+        if self.debug and "log_level" not in self.model_fields_set:
+            self.log_level = "debug"
         return self
 
     @property

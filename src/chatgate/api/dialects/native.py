@@ -1,0 +1,105 @@
+"""The native protocol (SPEC "Native WebSocket protocol"), the default on ``/ws``.
+
+Its frames are the native commands and events themselves, so encoding is the identity
+and decoding only validates. A refused frame's error carries the frame's ``id`` when it
+had one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from chatgate.api.dialects.base import (
+    Cancel,
+    Chat,
+    ClearHistory,
+    Command,
+    Dialect,
+    Frame,
+    Outgoing,
+    Peer,
+    Ping,
+    Reply,
+    Resume,
+    bad,
+    optional_str,
+    register_dialect,
+    text_of,
+)
+from chatgate.chat.events import ChatError
+from chatgate.chat.generation import Generation
+from chatgate.chat.service import Turn
+from chatgate.providers.base import GenerationOptions
+
+
+@register_dialect("native")
+class NativeDialect(Dialect):
+    def __init__(self, peer: Peer) -> None:
+        super().__init__(peer)
+        self._decoders: dict[str, Callable[[dict[str, Any]], Awaitable[Command]]] = {
+            "chat": self._chat,
+            "cancel": self._cancel,
+            "resume": self._resume,
+            "clear_history": self._clear_history,
+            "ping": self._ping,
+        }
+
+    async def decode(self, frame: dict[str, Any]) -> Command:
+        frame_id = frame.get("id") if isinstance(frame.get("id"), str) else None
+        try:
+            decoder = self._decoders.get(frame.get("type"))  # type: ignore[arg-type]
+            if decoder is None:
+                raise bad(f"unknown frame type {frame.get('type')!r}; expected one of {', '.join(self._decoders)}")
+            return await decoder(frame)
+        except ChatError as exc:
+            return Reply([exc.event(frame_id)])
+
+    def encode(self, event: Outgoing, generation: Generation | None) -> list[Frame]:
+        return [event]
+
+    async def _chat(self, frame: dict[str, Any]) -> Command:
+        message = text_of(frame, "message")
+        options = frame.get("options")
+        if options is not None and not isinstance(options, dict):
+            raise bad("options must be an object")
+        try:
+            parsed = GenerationOptions.from_mapping(options)
+        except (TypeError, ValueError) as exc:
+            raise bad(f"bad options: {exc}") from None
+        return Chat(
+            Turn(
+                message=message,
+                conversation_id=optional_str(frame, "conversation_id"),
+                agent=optional_str(frame, "agent"),
+                model=optional_str(frame, "model"),
+                options=parsed,
+                request_id=optional_str(frame, "id"),
+            )
+        )
+
+    async def _cancel(self, frame: dict[str, Any]) -> Command:
+        return Cancel(_required_id(frame))
+
+    async def _resume(self, frame: dict[str, Any]) -> Command:
+        generation_id = _required_id(frame)
+        after = frame.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise bad("after must be a delta seq (an integer >= 0)")
+        return Resume(generation_id, after)
+
+    async def _clear_history(self, frame: dict[str, Any]) -> Command:
+        conversation_id = optional_str(frame, "conversation_id")
+        if conversation_id is None:
+            raise bad("conversation_id is required")
+        return ClearHistory(conversation_id)
+
+    async def _ping(self, frame: dict[str, Any]) -> Command:
+        return Ping()
+
+
+def _required_id(frame: dict[str, Any]) -> str:
+    generation_id = optional_str(frame, "id")
+    if generation_id is None:
+        raise bad("id is required")
+    return generation_id

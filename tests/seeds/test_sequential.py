@@ -1,0 +1,168 @@
+"""Seed 002, the sequential-thinking integration: its frontend works against chatgate with
+``?dialect=sequential`` on the WebSocket URL.
+
+Per message: ``message_received`` → ``typing_start`` → ``message_start`` →
+``message_chunk``… → ``message_complete`` → ``typing_stop``; errors are user-friendly
+``error`` frames followed by ``typing_stop``. A ``session_id`` continues a conversation
+across reconnects; 20 messages of history; idle sessions expire (five minutes by default);
+a backup model answers when the primary cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from chatgate.config import load_settings
+from chatgate.testing.fake_llm import fake_reply, fake_tokens
+from chatgate.testing.servers import FakeLLM, RunningGateway, run_gateway, wait_until
+
+Frame = dict[str, Any]
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+FLOW = ["message_received", "typing_start", "message_start", "message_chunk", "message_complete", "typing_stop"]
+
+
+async def recv(ws: ClientConnection) -> Frame:
+    frame: Frame = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+    return frame
+
+
+async def ask(ws: ClientConnection, frame: Frame) -> list[Frame]:
+    """Send one message; every frame until ``typing_stop``, inclusive."""
+    await ws.send(orjson.dumps(frame).decode())
+    frames = [await recv(ws)]
+    while frames[-1]["type"] != "typing_stop":
+        frames.append(await recv(ws))
+    return frames
+
+
+def flow(frames: list[Frame]) -> list[str]:
+    """The frame types with repeated chunks collapsed."""
+    types = [f["type"] for f in frames]
+    return [t for i, t in enumerate(types) if i == 0 or t != types[i - 1]]
+
+
+def sent_turns(fake: FakeLLM) -> list[Frame]:
+    system, *turns = fake.requests()[-1]["body"]["messages"]
+    assert system["role"] == "system"
+    return turns
+
+
+async def test_each_message_flows_from_received_to_typing_stop(gw: RunningGateway) -> None:
+    async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+        frames = await ask(ws, {"type": "message", "content": "Think step by step: 2+2?"})
+    assert flow(frames) == FLOW
+    assert all(TIMESTAMP.fullmatch(f["timestamp"]) for f in frames)
+    received, typing_start, start, *chunks, complete, typing_stop = frames
+    session_id = received["session_id"]
+    assert isinstance(session_id, str) and session_id
+    assert typing_start["session_id"] == typing_stop["session_id"] == session_id
+    assert start == {**start, "role": "assistant", "model_used": "fake-model"}
+
+    tokens = fake_tokens(40)
+    assert len(chunks) == 40
+    for n, (chunk, token) in enumerate(zip(chunks, tokens, strict=True), start=1):
+        assert chunk == {
+            "type": "message_chunk",
+            "role": "assistant",
+            "content": token,
+            "accumulated_content": "".join(tokens[:n]),
+            "model_used": "fake-model",
+            "timestamp": chunk["timestamp"],
+        }
+    assert complete == {
+        **complete,
+        "role": "assistant",
+        "content": fake_reply(40),
+        "model_used": "fake-model",
+        "session_id": session_id,
+    }
+
+
+async def test_the_session_continues_on_the_socket_and_across_reconnects(gw: RunningGateway, fake: FakeLLM) -> None:
+    async with connect(gw.ws_url + "/chat/ws?dialect=sequential") as ws:  # any path
+        first = await ask(ws, {"message": "My name is Ada."})  # the {"message"} shape
+        session_id = first[0]["session_id"]
+        await ask(ws, {"type": "message", "content": "Nice to meet you."})
+    assert [t["content"] for t in sent_turns(fake)] == ["My name is Ada.", fake_reply(40), "Nice to meet you."]
+
+    async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+        frames = await ask(ws, {"type": "message", "content": "What is my name?", "session_id": session_id})
+    assert frames[0]["session_id"] == session_id
+    assert [t["content"] for t in sent_turns(fake)] == [
+        "My name is Ada.", fake_reply(40), "Nice to meet you.", fake_reply(40), "What is my name?"
+    ]
+
+    async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:  # no session id: a new session
+        frames = await ask(ws, {"type": "message", "content": "Hello?"})
+    assert frames[0]["session_id"] != session_id
+    assert sent_turns(fake) == [{"role": "user", "content": "Hello?"}]
+
+
+async def test_the_model_sees_the_last_20_messages(gw: RunningGateway, fake: FakeLLM) -> None:
+    fake.configure(tokens=2)
+    async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+        for n in range(12):
+            await ask(ws, {"type": "message", "content": f"message {n}", "session_id": "s-window"})
+    turns = sent_turns(fake)
+    assert len(turns) == 21
+    assert turns[0] == {"role": "user", "content": "message 1"}
+    assert turns[-1] == {"role": "user", "content": "message 11"}
+
+
+async def test_a_session_idle_past_the_ttl_starts_afresh(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeLLM, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CHATGATE_SEQUENTIAL_SESSION_TTL_S", "0.2")
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(provider="ollama", ollama_host=fake.url, model="fake-model", store="memory")
+    assert settings.sequential_session_ttl_s == 0.2
+    with run_gateway(settings) as gw:
+        async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+            await ask(ws, {"type": "message", "content": "remember this", "session_id": "s-idle"})
+        stored = httpx.get(f"{gw.url}/conversations/s-idle").json()
+        last_active = stored["updated_at"]
+        wait_until(lambda: time.time() > last_active + 0.2, timeout=5, what="the session's TTL to pass")
+
+        async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+            await ask(ws, {"type": "message", "content": "do you remember?", "session_id": "s-idle"})
+        assert sent_turns(fake) == [{"role": "user", "content": "do you remember?"}]
+        messages = httpx.get(f"{gw.url}/conversations/s-idle").json()["messages"]
+        assert [m["content"] for m in messages] == ["do you remember?", fake_reply(40)]
+
+
+async def test_model_used_names_the_backup_model_when_it_answers(start_gateway: Any) -> None:
+    with start_gateway(model="missing-model", fallback_models="fake-backup") as gw:
+        async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+            frames = await ask(ws, {"type": "message", "content": "hi"})
+    assert flow(frames) == FLOW
+    assert {f["model_used"] for f in frames if "model_used" in f} == {"fake-backup"}
+
+
+async def test_failures_are_friendly_error_frames_then_typing_stop(gw: RunningGateway, fake: FakeLLM) -> None:
+    fake.fault("http_500", times=3)
+    async with connect(gw.ws_url + "/ws?dialect=sequential") as ws:
+        frames = await ask(ws, {"type": "message", "content": "hi", "session_id": "s-err"})
+        assert [f["type"] for f in frames] == ["message_received", "typing_start", "error", "typing_stop"]
+        error = frames[2]
+        assert error["content"] == error["message"] == "The AI service could not answer this time. Please try again."
+        assert TIMESTAMP.fullmatch(error["timestamp"])
+        assert frames[3]["session_id"] == "s-err"
+
+        for bad in ({"type": "message", "content": ""}, {"type": "dance"}, {"content": 5}):
+            error, typing_stop = await ask(ws, bad)
+            assert error["type"] == "error" and error["content"] == error["message"], bad
+            assert typing_stop["type"] == "typing_stop"
+
+        frames = await ask(ws, {"type": "message", "content": "and now?", "session_id": "s-err"})
+        assert flow(frames) == FLOW
+        await ws.send(orjson.dumps({"type": "ping"}).decode())
+        assert (await recv(ws))["type"] == "pong"
