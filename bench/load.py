@@ -20,11 +20,12 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,15 +180,33 @@ async def one_answer(session: aiohttp.ClientSession, job: Job, body: bytes, answ
             await READERS[job.protocol](session, job, body, answer)
         if len(answer.arrivals) != job.tokens:
             raise AnswerError(f"expected {job.tokens} tokens, got {len(answer.arrivals)}")
-    except (AnswerError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+    except TimeoutError:
+        answer.error = f"timed out after {job.answer_timeout_s:.0f} s {_stage(job, answer)}"
+    except (AnswerError, aiohttp.ClientError, OSError, ValueError) as exc:
         answer.error = describe(exc)
     answer.done = time.monotonic()
 
 
-def new_session() -> aiohttp.ClientSession:
+def _stage(job: Job, answer: Answer) -> str:
+    if job.protocol == "ws" and answer.connect_s is None:
+        return "opening the WebSocket"
+    if not answer.arrivals:
+        return "waiting for the first token"
+    return f"mid-answer, after ~{round(10 * len(answer.arrivals) / max(job.tokens, 1)) * 10} % of the tokens"
+
+
+@contextlib.asynccontextmanager
+async def bounded_session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A pooled session whose closing cannot hold the result back for long."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+    session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+    try:
+        yield session
+    finally:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLEANUP_S):
+                await session.close()
 
 
 async def _until(deadline: float) -> None:
@@ -218,7 +237,7 @@ def summarise(answers: list[Answer], start: float, end: float) -> dict[str, Any]
         "errors": len(finished) - len(ok),
         "error_samples": dict(Counter(a.error for a in finished if a.error).most_common(5)),
         "ttft_ms": [round((a.arrivals[0] - a.started) * 1000, 4) for a in ok],
-        "connect_ms": [round(a.connect_s * 1000, 4) for a in ok if a.connect_s is not None],
+        "connect_ms": [round(a.connect_s * 1000, 4) for a in finished if a.connect_s is not None],
         "gaps": gap_histogram.to_json(),
         "tokens": sum(1 for a in answers for t in a.arrivals if start <= t <= end),
     }
@@ -229,7 +248,7 @@ async def run_answers(job: Job, t0: float) -> dict[str, Any]:
     end = window_start + job.duration_s
     body = job.body()
     answers: list[Answer] = []
-    async with new_session() as session:
+    async with bounded_session() as session:
 
         async def client() -> None:
             while time.monotonic() < end and len(answers) < job.max_answers:
@@ -249,7 +268,7 @@ async def run_answers(job: Job, t0: float) -> dict[str, Any]:
 async def run_streams(job: Job, t0: float) -> dict[str, Any]:
     body = job.body()
     answers: list[Answer] = []
-    async with new_session() as session:
+    async with bounded_session() as session:
 
         async def stream(index: int) -> None:
             await _until(t0 + index * job.stagger_s / job.streams)
@@ -298,7 +317,7 @@ async def run_idle(job: Job, t0: float) -> dict[str, Any]:
             holders.append(asyncio.create_task(hold(ws)))
 
     holders: list[asyncio.Task[None]] = []
-    async with new_session() as session:
+    async with bounded_session() as session:
         await _until(t0)
         started = time.monotonic()
         await asyncio.gather(*(open_one() for _ in range(job.connections)))
@@ -336,14 +355,19 @@ def main() -> int:
         return 2
     t0 = float(command[1])
     run = MODES[job.mode]
+
+    async def run_and_report() -> None:
+        _emit({"result": await run(job, t0)})
+        # Leave now: the loop's shutdown would wait for every socket still closing.
+        os._exit(0)
+
     try:
         import uvloop
     except ImportError:
-        result = asyncio.run(run(job, t0))
+        asyncio.run(run_and_report())
     else:
-        result = uvloop.run(run(job, t0))
-    _emit({"result": result})
-    return 0
+        uvloop.run(run_and_report())
+    return 1
 
 
 if __name__ == "__main__":

@@ -106,11 +106,13 @@ def _streams(results: dict[str, Any]) -> list[str]:
         f"20 tokens/s; streams start evenly over max(1 s, count/1000 s). *Held* gaps are those while every "
         f"stream is open (from 1 s after the last start until the first is due to end). Largest count with "
         f"held p99 gap minus the nominal {streams['nominal_gap_ms']:.0f} ms ≤ {streams['budget_ms']:.0f} ms "
-        f"and ≥ 99 % of streams complete: **{streams['max_streams_within_budget']:,}**.",
+        f"and ≥ 99 % of streams complete: **{streams['max_streams_within_budget']:,}**. TTFT counts "
+        "from the chat frame; *connect p99* is the WebSocket handshake, where a saturated gateway "
+        "leaves new connections waiting in its accept queue.",
         "",
         "| streams | via | completed | held gap p50 | held gap p99 | added p99 | held gap max "
-        "| whole-run gap p99 | TTFT p50 | server cores | client cores | machine busy cores |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| whole-run gap p99 | TTFT p50 | connect p99 | server cores | client cores | machine busy cores |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for step in streams["steps"]:
         lines.append(
@@ -118,6 +120,7 @@ def _streams(results: dict[str, Any]) -> list[str]:
             f"| {step['completed']:,} | {_fmt(step['gap_p50_ms'])} ms | {_fmt(step['gap_p99_ms'])} ms "
             f"| {_fmt(step['added_gap_p99_ms'])} ms | {_fmt(step['gap_max_ms'])} ms "
             f"| {_fmt(step['whole_run_gap_p99_ms'])} ms | {_fmt(step['ttft_p50_ms'])} ms "
+            f"| {_fmt(step.get('connect_p99_ms'))} ms "
             f"| {step['server_cpu_share']:.2f} | {step['client_cpu_share']:.2f} | {step['machine_busy_cores']:.2f} |"
         )
     return lines
@@ -139,6 +142,7 @@ def _idle(results: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any], chart_name: str) -> str:
     m = results["machine"]
     s = results["settings"]
+    failures = [*results.get("failures", []), *(results.get("streams") or {}).get("failures", [])]
     dirty = " (src/ had uncommitted changes)" if results.get("uncommitted_changes") else ""
     lines = [
         "# chatgate benchmark results",
@@ -154,6 +158,7 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         f"each cell run {s.get('repeat', 1)} time(s) after waiting up to {s.get('quiet_wait_s', 0):.0f} s for the "
         "machine to calm down, keeping the attempt other processes disturbed least (all attempts are in "
         "results.json)",
+        *([f"- extra gateway settings: {s['gateway_env']}"] if s.get("gateway_env") else []),
         f"- LiteLLM: {results.get('litellm_version', '')} "
         + next((t["status"] for t in results.get("targets", []) if t["key"] == "litellm"), "not selected"),
         "",
@@ -186,6 +191,7 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         *_streams(results),
         "",
+        *(["## Failures", "", *[f"- {f}" for f in failures], ""] if failures else []),
         "Raw figures: `bench/out/results.json`.",
         "",
     ]

@@ -6,8 +6,10 @@
 Targets: the fake upstream directly (Ollama NDJSON), chatgate over ``POST /chat`` streaming,
 its native ``/ws`` (a new connection per answer) and ``/v1/chat/completions`` (SSE), and the
 LiteLLM proxy when bench/.litellm-venv (see install-litellm.sh) or --litellm-venv has it.
-Writes bench/out/results.json, then bench/RESULTS.md and bench/chart.png (for --quick:
-bench/out/RESULTS.md and bench/out/chart.png, so a quick check never replaces the record).
+Writes bench/out/results.json and logs, then bench/RESULTS.md and bench/chart.png; with
+--quick all of it goes to bench/out/quick/, so a quick check never replaces the record.
+--profile TARGET:LEVEL attaches py-spy to the server during that cell; --gateway-env tries a
+setting (e.g. CHATGATE_RESUME_GRACE_S=0) on every gateway the run starts.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "one other processes disturbed least")
     parser.add_argument("--quiet-wait", type=float, help="seconds to wait before each cell for the "
                         "machine to fall below 0.3 busy cores (default 10, quick 0)")
-    parser.add_argument("--out", type=Path, default=BENCH / "out")
+    parser.add_argument("--gateway-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra setting for the gateways, e.g. CHATGATE_RESUME_GRACE_S=0 (repeatable)")
+    parser.add_argument("--out", type=Path, help="raw results and logs (default bench/out, quick: bench/out/quick)")
     return parser.parse_args(argv)
 
 
@@ -163,11 +167,18 @@ def run_answers(args: argparse.Namespace, settings: Settings, fake: Service, gat
             if args.profile == f"{target.key}:{level}" and service is not None:
                 seconds = settings.warmup_s + settings.duration_s
                 hook = functools.partial(attach_profilers, profilers, service, seconds, args.out, name)
-            attempts = [answers_cell(target, level, settings, upstream, hook) for _ in range(args.repeat)]
+            attempts = []
+            for _ in range(args.repeat):
+                try:
+                    attempts.append(answers_cell(target, level, settings, upstream, hook))
+                except RuntimeError as exc:  # a load process that never reported
+                    results["failures"].append(f"{target.key} x{level}: {exc}")
             for profiler in profilers:
                 profiler.wait(timeout=60)
             if profilers:
                 (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
+            if not attempts:
+                continue
             # Others share this machine: keep the attempt they disturbed least, show the rest.
             cell = min(attempts, key=lambda c: c["other_cores"])
             cell["attempts"] = [{k: a[k] for k in ATTEMPT_KEYS} for a in attempts]
@@ -186,7 +197,8 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
                                quiet_wait_s=settings.quiet_wait_s)
     slow = start_fake(args.out / "logs", "fake-20tps", stream_settings.tokens, tps=20)
     services.append(slow)
-    gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), args.workers)
+    gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), args.workers,
+                            gateway_env(args))
     services.append(gateway)
     ws_url = gateway.url.replace("http://", "ws://") + "/ws"
     if "idle" not in skip:
@@ -203,6 +215,14 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
         results["streams"] = stream_ramp(via_gateway, direct, counts, stream_settings, answer_s, args.repeat)
 
 
+def gateway_env(args: argparse.Namespace) -> dict[str, str]:
+    pairs = [item.partition("=") for item in args.gateway_env]
+    bad = [name for name, sep, _ in pairs if not sep or not name]
+    if bad:
+        raise SystemExit(f"--gateway-env wants NAME=VALUE, got {bad}")
+    return {name: value for name, _, value in pairs}
+
+
 def store_url(args: argparse.Namespace) -> str:
     if args.store == "memory":
         return "memory"
@@ -214,7 +234,7 @@ def store_url(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out = args.out.resolve()
+    args.out = (args.out or BENCH / "out" / ("quick" if args.quick else "")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     raise_nofile_limit()
     settings = Settings(
@@ -230,15 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "settings": {"warmup_s": settings.warmup_s, "duration_s": settings.duration_s, "store": args.store,
                      "workers": args.workers, "tokens": settings.tokens, "load_processes": settings.load_processes,
-                     "repeat": args.repeat, "quiet_wait_s": settings.quiet_wait_s},
+                     "repeat": args.repeat, "quiet_wait_s": settings.quiet_wait_s,
+                     "gateway_env": gateway_env(args)},
         "cells": [],
+        "failures": [],
     }
     started = time.monotonic()
     services: list[Service] = []
     try:
         fake = start_fake(args.out / "logs", "fake-llm", settings.tokens)
         services.append(fake)
-        gateway = start_gateway(args.out / "logs", "chatgate", fake.url, store_url(args), args.workers)
+        gateway = start_gateway(args.out / "logs", "chatgate", fake.url, store_url(args), args.workers,
+                                gateway_env(args))
         services.append(gateway)
         litellm, litellm_status = None, "not installed (bench/install-litellm.sh)"
         binary = litellm_binary(args.litellm_venv)

@@ -71,7 +71,10 @@ class LoadGroup:
     def _pump(process: subprocess.Popen[str], lines: queue.Queue[dict[str, Any]]) -> None:
         assert process.stdout is not None
         for line in process.stdout:
-            lines.put(json.loads(line))
+            try:
+                lines.put(json.loads(line))
+            except json.JSONDecodeError:
+                lines.put({"unreadable": line[:200]})
         lines.put({"exited": process.wait()})
 
     def expect(self, key: str, timeout_s: float) -> list[dict[str, Any]]:
@@ -136,6 +139,7 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ttft_p90_ms": percentile(ttft, 90),
         "ttft_p99_ms": percentile(ttft, 99),
         "connect_p50_ms": percentile(connect, 50),
+        "connect_p99_ms": percentile(connect, 99),
         "gap_p50_ms": gaps.percentile_ms(50),
         "gap_p99_ms": gaps.percentile_ms(99),
         "gap_max_ms": gaps.percentile_ms(100),
@@ -247,6 +251,7 @@ class StreamStep:
     whole_run_gap_p99_ms: float | None
     steady_gaps: int
     ttft_p50_ms: float | None
+    connect_p99_ms: float | None
     server_cpu_share: float
     client_cpu_share: float
     machine_busy_cores: float
@@ -297,6 +302,7 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
         whole_run_gap_p99_ms=merged["gap_p99_ms"],
         steady_gaps=steady.total,
         ttft_p50_ms=merged["ttft_p50_ms"],
+        connect_p99_ms=merged["connect_p99_ms"],
         server_cpu_share=server_cpu / wall,
         client_cpu_share=merged["client_cpu_s"] / wall,
         machine_busy_cores=busy / wall,
@@ -312,16 +318,30 @@ def stream_ramp(gateway: Target, direct: Target, counts: list[int], settings: Se
     one is due to end (the whole run's p99, connection storm included, is kept beside it).
     A step over budget is tried up to ``attempts`` times and keeps its best try."""
     steps: list[StreamStep] = []
+    failures: list[str] = []
     best = 0
     for count in counts:
-        step = stream_step(gateway, count, settings, answer_s)
+        try:
+            step = stream_step(gateway, count, settings, answer_s)
+        except RuntimeError as exc:  # a load process that never reported: say so, keep what we have
+            failures.append(f"{count} streams via chatgate: {exc}")
+            break
         for _ in range(attempts - 1):  # a step over budget gets another try: others share the machine
             if step.passed:
                 break
-            retry = stream_step(gateway, count, settings, answer_s)
+            try:
+                retry = stream_step(gateway, count, settings, answer_s)
+            except RuntimeError as exc:
+                failures.append(f"{count} streams via chatgate (retry): {exc}")
+                break
             step = retry if (retry.added_gap_p99_ms or 1e9) < (step.added_gap_p99_ms or 1e9) else step
-        reference = stream_step(direct, count, settings, answer_s)
-        steps += [step, reference]
+        steps.append(step)
+        try:
+            reference = stream_step(direct, count, settings, answer_s)
+        except RuntimeError as exc:
+            failures.append(f"{count} streams direct: {exc}")
+            break
+        steps.append(reference)
         print(f"  streams {count:>5}: held p99 gap via chatgate {step.gap_p99_ms} ms ({step.completed} ok, "
               f"{step.server_cpu_share:.2f} cores), direct {reference.gap_p99_ms} ms ({reference.completed} ok)",
               flush=True)
@@ -329,5 +349,5 @@ def stream_ramp(gateway: Target, direct: Target, counts: list[int], settings: Se
             break
         best = count
     return {"max_streams_within_budget": best, "budget_ms": GAP_BUDGET_MS, "nominal_gap_ms": NOMINAL_GAP_MS,
-            "answer_s": answer_s,
+            "answer_s": answer_s, "failures": failures,
             "steps": [asdict(s) | {"passed": s.passed} for s in steps]}

@@ -139,7 +139,8 @@ def start_fake(log_dir: Path, name: str, tokens: int, tps: float = 0.0) -> Servi
     return Service(name, process, match.group(1), log_path)
 
 
-def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: int = 1) -> Service:
+def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: int = 1,
+                  extra_env: dict[str, str] | None = None) -> Service:
     port = free_port()
     env = {
         **_base_env(),
@@ -148,6 +149,7 @@ def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: 
         "CHATGATE_MODEL": "fake-model",
         "CHATGATE_STORE": store,
         "CHATGATE_LOG_LEVEL": "warning",
+        **(extra_env or {}),
     }
     argv = [str(CHATGATE), "serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
     process, log_path = spawn(name, argv, env, log_dir)
@@ -238,7 +240,8 @@ class ProcessTree:
 
     def pids(self) -> list[int]:
         children = _children()
-        found, todo = [], [self.root]
+        found: list[int] = []
+        todo = [self.root]
         while todo and len(found) < MAX_TREE:
             pid = todo.pop()
             found.append(pid)
