@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip", default="", help="comma list of: idle, streams")
     parser.add_argument("--idle-connections", type=int, help="idle WebSockets (default 5000, quick 1000)")
     parser.add_argument("--stream-counts", help="comma list of concurrent stream counts to try")
-    parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50 - py-spy the server during that cell")
+    parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50, or streams:COUNT - py-spy the server "
+                        "during that cell or stream step")
     parser.add_argument("--repeat", type=int, default=1, help="run each answers cell N times, keep the "
                         "one other processes disturbed least")
     parser.add_argument("--quiet-wait", type=float, help="seconds to wait before each cell for the "
@@ -212,7 +213,19 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
         print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
         via_gateway = Target("ws", "chatgate /ws", "ws", ws_url, ProcessTree(gateway.pid))
         direct = Target("direct", "direct", "ollama", f"{slow.url}/api/chat", ProcessTree(slow.pid))
-        results["streams"] = stream_ramp(via_gateway, direct, counts, stream_settings, answer_s, args.repeat)
+        profilers: list[subprocess.Popen[bytes]] = []
+
+        def profile_step(count: int, seconds: float) -> None:
+            if args.profile == f"streams:{count}" and not profilers:
+                profilers.extend(start_profilers(gateway, seconds, args.out, f"streams-{count}"))
+
+        results["streams"] = stream_ramp(via_gateway, direct, counts, stream_settings, answer_s, args.repeat,
+                                         profile_step)
+        for profiler in profilers:
+            profiler.wait(timeout=60)
+        if profilers:
+            name = args.profile.replace(":", "-")
+            (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
 
 
 def gateway_env(args: argparse.Namespace) -> dict[str, str]:

@@ -267,7 +267,8 @@ class StreamStep:
         )
 
 
-def stream_step(target: Target, streams: int, settings: Settings, answer_s: float) -> StreamStep:
+def stream_step(target: Target, streams: int, settings: Settings, answer_s: float,
+                hook: Callable[[int, float], None] | None = None) -> StreamStep:
     stagger_s = max(1.0, streams / 1000)
     base = {"mode": "streams", "protocol": target.protocol, "url": target.url, "model": target.model,
             "tokens": settings.tokens, "stagger_s": stagger_s, "answer_timeout_s": answer_s + 30,
@@ -279,6 +280,8 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
         t0 = group.go()
         server_cpu = server.cpu_s() if server else 0.0
         busy = machine_busy_s()
+        if hook is not None:
+            hook(streams, stagger_s + answer_s)
         results = [m["result"] for m in group.expect("result", stagger_s + answer_s + 60)]
         wall = time.monotonic() - t0
         server_cpu = (server.cpu_s() if server else 0.0) - server_cpu
@@ -312,17 +315,18 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
 
 
 def stream_ramp(gateway: Target, direct: Target, counts: list[int], settings: Settings, answer_s: float,
-                attempts: int = 1) -> dict[str, Any]:
+                attempts: int = 1, hook: Callable[[int, float], None] | None = None) -> dict[str, Any]:
     """Raise the number of concurrent streams until the gateway's added p99 gap is over budget.
     Gaps count while every stream is held: from 1 s after the last one started until the first
     one is due to end (the whole run's p99, connection storm included, is kept beside it).
-    A step over budget is tried up to ``attempts`` times and keeps its best try."""
+    A step over budget is tried up to ``attempts`` times and keeps its best try. ``hook(count,
+    seconds)`` is called as each step via the gateway begins (the profiler attaches there)."""
     steps: list[StreamStep] = []
     failures: list[str] = []
     best = 0
     for count in counts:
         try:
-            step = stream_step(gateway, count, settings, answer_s)
+            step = stream_step(gateway, count, settings, answer_s, hook)
         except RuntimeError as exc:  # a load process that never reported: say so, keep what we have
             failures.append(f"{count} streams via chatgate: {exc}")
             break

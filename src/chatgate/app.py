@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -28,6 +29,11 @@ log = logging.getLogger("chatgate")
 PURGE_INTERVAL_S = 60.0
 #: OpenAI and Ollama clients resend the conversation each turn: allow this many messages' worth.
 HISTORY_BODY_FACTOR = 64
+#: A served gateway makes and drops many short-lived objects per token; collecting the
+#: youngest generation every 700 allocations (Python's default) cost about a third of its
+#: throughput in the benchmark (bench/RESULTS.md). Reference counting frees nearly all of
+#: them anyway; the collector is only there for cycles.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 @dataclass
@@ -81,13 +87,25 @@ async def _purge_forever(store: ConversationStore) -> None:
             log.exception("purging expired conversations failed")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def tune_gc() -> None:
+    """For a process that only serves the gateway: collect rarely, and move everything that
+    exists after start-up (modules, settings, the app) out of the collector's sight for good."""
+    gc.set_threshold(*GC_THRESHOLDS)
+    gc.collect()
+    gc.freeze()
+
+
+def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
+    """``own_process``: the app is all this process runs (``chatgate serve``), so it may tune
+    process-wide things such as the garbage collector."""
     agents = load_agents(settings.agents_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = await open_gateway(settings, agents)
         app.state.gateway = gateway
+        if own_process:
+            tune_gc()
         purger = asyncio.create_task(_purge_forever(gateway.store))
         log.info(
             "chatgate ready",
@@ -133,4 +151,4 @@ def app_from_environment() -> FastAPI:
 
     settings = load_settings()
     setup_logging(settings.log_level)
-    return create_app(settings)
+    return create_app(settings, own_process=True)
