@@ -171,6 +171,21 @@ async def test_silent_upstream_times_out(fake: FakeLLM, after: int) -> None:
     assert await disconnected_at(fake)
 
 
+async def test_the_read_timeout_bounds_gaps_not_the_whole_answer(fake: FakeLLM) -> None:
+    """Eight tokens 0.1 s apart take longer than the 0.3 s read timeout, yet never pause that long."""
+    fake.configure(tokens=8, tps=10)
+    session = new_session(connect_timeout_s=2, read_timeout_s=0.3)
+    try:
+        chunks: list[Chunk] = []
+        started = time.monotonic()
+        await collect(OllamaProvider(fake.url, session), request(), chunks)
+    finally:
+        await session.close()
+    assert time.monotonic() - started > 0.6
+    assert "".join(c.text for c in chunks) == fake_reply(8)
+    assert chunks[-1].finish_reason == "stop"
+
+
 async def test_closing_the_stream_early_closes_the_upstream_request(
     provider: OllamaProvider, fake: FakeLLM
 ) -> None:

@@ -1,9 +1,12 @@
-"""What the HTTP adapters share: the pooled session and the aiohttp-to-ProviderError edge."""
+"""What the HTTP adapters share: the pooled session, one streamed POST with its read-gap
+watch, and the aiohttp-to-ProviderError edge."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import orjson
@@ -20,7 +23,8 @@ JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"
 
 def new_session(*, connect_timeout_s: float, read_timeout_s: float) -> aiohttp.ClientSession:
     """One pooled session per upstream. ``read_timeout_s`` bounds the gap between two
-    reads, not the whole answer, so a long generation is never cut off while it streams."""
+    reads, not the whole answer, so a long generation is never cut off while it streams:
+    aiohttp enforces it until the response headers arrive, :class:`ReadGapWatch` after."""
     timeout = aiohttp.ClientTimeout(
         total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
     )
@@ -32,6 +36,96 @@ def new_session(*, connect_timeout_s: float, read_timeout_s: float) -> aiohttp.C
         auto_decompress=True,
         trust_env=False,
     )
+
+
+class ReadGapWatch:
+    """Fails a streamed body that has received nothing for ``gap_s``.
+
+    aiohttp's own read timeout re-arms a timer on every chunk received, which for thousands
+    of token streams was a top cost of the gateway (bench/RESULTS.md). This looks at the
+    body's byte count four times per period instead: a stalled upstream fails between
+    ``gap_s`` and 1.25 times ``gap_s`` after its last byte, and a flowing one costs nothing per read.
+    """
+
+    CHECKS_PER_PERIOD = 4
+
+    def __init__(self, response: aiohttp.ClientResponse, gap_s: float) -> None:
+        self._content = response.content
+        self._gap_s = gap_s
+        self._seen = self._content.total_bytes
+        self._quiet_checks = 0
+        self._loop = asyncio.get_running_loop()
+        if response.connection is not None:
+            response.connection.protocol.read_timeout = None  # type: ignore[union-attr]
+        self._handle = self._loop.call_later(gap_s / self.CHECKS_PER_PERIOD, self._check)
+
+    def _check(self) -> None:
+        total = self._content.total_bytes
+        if total != self._seen:
+            self._seen, self._quiet_checks = total, 0
+        else:
+            self._quiet_checks += 1
+            if self._quiet_checks >= self.CHECKS_PER_PERIOD:
+                self._content.set_exception(
+                    aiohttp.ServerTimeoutError(f"no data from the upstream for {self._gap_s:g} s")
+                )
+                return
+        self._handle = self._loop.call_later(self._gap_s / self.CHECKS_PER_PERIOD, self._check)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+class StreamedBody:
+    """A streamed answer's body: iterate ``lines``; call :meth:`complete` once the final
+    message is read, so the connection goes back to the pool instead of being closed."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+        self.lines: aiohttp.StreamReader = response.content
+        self._complete = False
+        self._watch: ReadGapWatch | None = None
+
+    def complete(self) -> None:
+        self._complete = True
+
+    def watch(self, gap_s: float | None) -> None:
+        if gap_s:
+            self._watch = ReadGapWatch(self.response, gap_s)
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        if self._complete:
+            self.response.release()
+        else:
+            self.response.close()  # a cancelled or broken answer: the upstream stops generating
+
+
+@asynccontextmanager
+async def streamed_post(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    provider: str,
+    model: str,
+    base_url: str,
+    status_error: Callable[[int, bytes, str], ProviderError],
+    **request: Any,
+) -> AsyncIterator[StreamedBody]:
+    """POST ``url`` (``request`` as for aiohttp) and hand over the streamed body. An HTTP
+    error status raises ``status_error(status, body, model)``; aiohttp's failures raise
+    provider errors; leaving early closes the upstream connection."""
+    async with upstream_errors(provider, model, base_url):
+        response = await session.post(url, **request)
+        body = StreamedBody(response)
+        try:
+            if response.status >= 400:
+                raise status_error(response.status, await response.read(), model)
+            body.watch(session.timeout.sock_read)
+            yield body
+        finally:
+            body.close()
 
 
 @asynccontextmanager

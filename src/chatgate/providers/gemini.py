@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import aiohttp
 import orjson
 
-from chatgate.providers._http import JSON_HEADERS, upstream_errors
+from chatgate.providers._http import JSON_HEADERS, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
     FinishReason,
@@ -133,45 +133,39 @@ class GeminiProvider:
         model = (request.model or self.default_model).removeprefix("models/")
         payload = gemini_payload(request.messages, self._defaults.merged(request.options))
         url = f"{self.base_url}/{model_resource(model)}:streamGenerateContent"
-        async with upstream_errors(self.name, model, self.base_url):
-            response = await self._session.post(
-                url, params={"alt": "sse"}, data=orjson.dumps(payload), headers=self._headers
-            )
-            finished = False
-            try:
-                if response.status >= 400:
-                    raise self._status_error(response.status, await response.read(), model)
-                reason: FinishReason | None = None
-                usage: Usage | None = None
-                async for raw in response.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = self._event(line[5:], model)
-                    if isinstance(meta := data.get("usageMetadata"), dict):
-                        usage = Usage(
-                            meta.get("promptTokenCount") or 0, meta.get("candidatesTokenCount") or 0
-                        )
-                    candidate = (data.get("candidates") or [{}])[0]
-                    for part in (candidate.get("content") or {}).get("parts") or ():
-                        text = part.get("text")
-                        if text and not part.get("thought"):
-                            yield Chunk(text)
-                    if candidate.get("finishReason"):
-                        reason = self._finish_reason(candidate["finishReason"], model)
-                if reason is None:
-                    raise ProviderStreamError(
-                        "gemini ended the stream without a finish reason",
-                        provider=self.name,
-                        model=model,
-                    )
-                finished = True
-                yield Chunk("", finish_reason=reason, usage=usage)
-            finally:
-                if finished:
-                    response.release()
-                else:
-                    response.close()
+        async with streamed_post(
+            self._session,
+            url,
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            params={"alt": "sse"},
+            data=orjson.dumps(payload),
+            headers=self._headers,
+        ) as body:
+            reason: FinishReason | None = None
+            usage: Usage | None = None
+            async for raw in body.lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = self._event(line[5:], model)
+                if isinstance(meta := data.get("usageMetadata"), dict):
+                    usage = Usage(meta.get("promptTokenCount") or 0, meta.get("candidatesTokenCount") or 0)
+                candidate = (data.get("candidates") or [{}])[0]
+                for part in (candidate.get("content") or {}).get("parts") or ():
+                    text = part.get("text")
+                    if text and not part.get("thought"):
+                        yield Chunk(text)
+                if candidate.get("finishReason"):
+                    reason = self._finish_reason(candidate["finishReason"], model)
+            if reason is None:
+                raise ProviderStreamError(
+                    "gemini ended the stream without a finish reason", provider=self.name, model=model
+                )
+            body.complete()
+            yield Chunk("", finish_reason=reason, usage=usage)
 
     def _event(self, raw: bytes, model: str) -> dict[str, Any]:
         """One decoded SSE event; in-stream errors and refused prompts raise."""

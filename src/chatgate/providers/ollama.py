@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 
-from chatgate.providers._http import JSON_HEADERS, error_text, upstream_errors
+from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
     FinishReason,
@@ -56,38 +56,34 @@ class OllamaProvider:
         options = ollama_options(self._defaults.merged(request.options))
         if options:
             payload["options"] = options
-        url = f"{self.base_url}/api/chat"
-        async with upstream_errors(self.name, model, self.base_url):
-            response = await self._session.post(url, data=orjson.dumps(payload), headers=JSON_HEADERS)
-            finished = False
-            try:
-                if response.status >= 400:
-                    raise self._status_error(response.status, await response.read(), model)
-                async for line in response.content:
-                    if not line.strip():
-                        continue
-                    data = orjson.loads(line)
-                    if "error" in data:
-                        raise ProviderStreamError(
-                            f"ollama: {data['error']}", provider=self.name, model=model
-                        )
-                    text = (data.get("message") or {}).get("content", "")
-                    if data.get("done"):
-                        finished = True
-                        reason: FinishReason = "length" if data.get("done_reason") == "length" else "stop"
-                        usage = Usage(data.get("prompt_eval_count") or 0, data.get("eval_count") or 0)
-                        yield Chunk(text, finish_reason=reason, usage=usage)
-                        return
-                    if text:
-                        yield Chunk(text)
-                raise ProviderStreamError(
-                    "ollama ended the stream without a final message", provider=self.name, model=model
-                )
-            finally:
-                if finished:
-                    response.release()
-                else:
-                    response.close()
+        async with streamed_post(
+            self._session,
+            f"{self.base_url}/api/chat",
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            data=orjson.dumps(payload),
+            headers=JSON_HEADERS,
+        ) as body:
+            async for line in body.lines:
+                if not line.strip():
+                    continue
+                data = orjson.loads(line)
+                if "error" in data:
+                    raise ProviderStreamError(f"ollama: {data['error']}", provider=self.name, model=model)
+                text = (data.get("message") or {}).get("content", "")
+                if data.get("done"):
+                    body.complete()
+                    reason: FinishReason = "length" if data.get("done_reason") == "length" else "stop"
+                    usage = Usage(data.get("prompt_eval_count") or 0, data.get("eval_count") or 0)
+                    yield Chunk(text, finish_reason=reason, usage=usage)
+                    return
+                if text:
+                    yield Chunk(text)
+            raise ProviderStreamError(
+                "ollama ended the stream without a final message", provider=self.name, model=model
+            )
 
     def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
         detail = error_text(body)

@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 import aiohttp
 import orjson
 
-from chatgate.providers._http import JSON_HEADERS, error_text, upstream_errors
+from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
     FinishReason,
@@ -70,52 +70,49 @@ class OpenAIProvider:
             "stream_options": {"include_usage": True},
             **openai_options(self._defaults.merged(request.options)),
         }
-        url = f"{self.base_url}/chat/completions"
-        async with upstream_errors(self.name, model, self.base_url):
-            response = await self._session.post(url, data=orjson.dumps(payload), headers=self._headers)
-            finished = False
-            try:
-                if response.status >= 400:
-                    raise self._status_error(response.status, await response.read(), model)
-                reason: FinishReason | None = None
-                usage: Usage | None = None
-                async for raw in response.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data_part = line[5:].strip()
-                    if data_part == b"[DONE]":
-                        finished = True
-                        break
-                    data = orjson.loads(data_part)
-                    if "error" in data:
-                        raise ProviderStreamError(
-                            f"{self.name}: {error_text(data_part)}", provider=self.name, model=model
-                        )
-                    if data.get("usage"):
-                        usage = Usage(
-                            data["usage"].get("prompt_tokens") or 0,
-                            data["usage"].get("completion_tokens") or 0,
-                        )
-                    for choice in data.get("choices") or ():
-                        text = (choice.get("delta") or {}).get("content") or ""
-                        if text:
-                            yield Chunk(text)
-                        if choice.get("finish_reason"):
-                            reason = "length" if choice["finish_reason"] == "length" else "stop"
-                if reason is None:
+        async with streamed_post(
+            self._session,
+            f"{self.base_url}/chat/completions",
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            data=orjson.dumps(payload),
+            headers=self._headers,
+        ) as body:
+            reason: FinishReason | None = None
+            usage: Usage | None = None
+            async for raw in body.lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data_part = line[5:].strip()
+                if data_part == b"[DONE]":
+                    break
+                data = orjson.loads(data_part)
+                if "error" in data:
                     raise ProviderStreamError(
-                        f"{self.name} ended the stream without a finish reason",
-                        provider=self.name,
-                        model=model,
+                        f"{self.name}: {error_text(data_part)}", provider=self.name, model=model
                     )
-                finished = True
-                yield Chunk("", finish_reason=reason, usage=usage)
-            finally:
-                if finished:
-                    response.release()
-                else:
-                    response.close()
+                if data.get("usage"):
+                    usage = Usage(
+                        data["usage"].get("prompt_tokens") or 0,
+                        data["usage"].get("completion_tokens") or 0,
+                    )
+                for choice in data.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        yield Chunk(text)
+                    if choice.get("finish_reason"):
+                        reason = "length" if choice["finish_reason"] == "length" else "stop"
+            if reason is None:
+                raise ProviderStreamError(
+                    f"{self.name} ended the stream without a finish reason",
+                    provider=self.name,
+                    model=model,
+                )
+            body.complete()
+            yield Chunk("", finish_reason=reason, usage=usage)
 
     def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
         detail = error_text(body)
