@@ -114,8 +114,9 @@ def test_sse_carries_the_native_events(gw: RunningGateway, fake: FakeLLM, stream
     assert start["type"] == "start"
     assert start["conversation_id"] == response.headers["x-conversation-id"]
     assert start["model"] == "fake-model" and start["agent"] == "general"
-    assert [d["type"] for d in deltas] == ["delta"] * 12
-    assert [d["seq"] for d in deltas] == list(range(1, 13))
+    # Tokens that arrive while a delta waits for the socket join it: one delta or several.
+    assert deltas and all(d["type"] == "delta" for d in deltas)
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert {d["id"] for d in deltas} == {start["id"]} == {done["id"]}
     assert "".join(d["text"] for d in deltas) == fake_reply(12)
     assert done["type"] == "done" and done["finish_reason"] == "stop"
@@ -250,7 +251,9 @@ def test_failure_after_first_token_ends_sse_with_retryable_error(
     assert response.status_code == 200
     start, *deltas, error = parse_sse(response.content)
     assert start["type"] == "start"
-    assert [d["seq"] for d in deltas] == [1, 2, 3, 4, 5]
+    assert deltas and all(d["type"] == "delta" for d in deltas)
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(d["text"] for d in deltas) == fake_reply(5)
     assert error["type"] == "error" and error["retryable"] is True
     assert error["code"] == "provider_error"
     assert len(fake.requests()) == 1, "nothing is retried after the first token"

@@ -29,10 +29,12 @@ async def test_embedded_model_answers_over_websocket(start_gateway: Any) -> None
     assert frames[0]["model"].startswith("SmolLM2")
     deltas = [f for f in frames if f["type"] == "delta"]
     assert frames[-1]["type"] == "done", frames[-1]
-    assert len(deltas) >= 10
+    # Tokens that arrive while a delta waits for the socket join it: count tokens, not deltas.
+    assert deltas and all(d["text"] for d in deltas)
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     answer = "".join(d["text"] for d in deltas)
     assert len(answer.split()) >= 8
+    assert frames[-1]["usage"]["completion_tokens"] >= max(10, len(deltas))
     assert frames[-1]["usage"]["prompt_tokens"] > 0
     assert frames[-1]["timings"]["ttft_ms"] is not None
 

@@ -1,13 +1,32 @@
 """One generation's event log: written once by the chat service, read by any number of
-subscribers, each from wherever it left off — the basis of reconnect-and-resume."""
+subscribers, each from wherever it left off — the basis of reconnect-and-resume.
+
+A subscriber either iterates :meth:`Generation.events`, or registers a callback with
+:meth:`Generation.subscribe` that is told, synchronously, whenever the log has grown, and
+reads what is new with :meth:`Generation.read_from` when it is ready to send it (the
+WebSocket path: no task switch per token).
+
+Tokens that arrive while the last delta is still waiting for its first reader join that
+delta instead of making a new one, so a subscriber that falls behind (a busy gateway, a
+slow socket) catches up in one frame rather than one frame per token, and none is ever
+held back: a delta is handed out as soon as a reader asks. ``seq`` still rises by one per
+delta; ``tokens`` counts what the upstream sent.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from chatgate.chat.events import DeltaEvent, Event, StartEvent
+
+#: A waiting delta takes in further tokens up to this many characters.
+MAX_COALESCED_CHARS = 8192
+#: Told that a generation's log has grown; it reads the new events later, with read_from.
+Listener = Callable[["Generation"], None]
+log = logging.getLogger("chatgate.chat")
 
 
 @dataclass(eq=False)
@@ -25,8 +44,13 @@ class Generation:
     forgotten: bool = False
     limit_key: str = ""
     orphan_timer: asyncio.TimerHandle | None = None
+    #: Tokens received, which may be more than deltas made.
+    tokens: int = 0
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    _listeners: list[Listener] = field(default_factory=list)
     _seq: int = 0
+    #: How many log entries some subscriber has read; later ones may still change.
+    _handed: int = 0
 
     @property
     def seq(self) -> int:
@@ -47,8 +71,14 @@ class Generation:
         }
 
     def emit_delta(self, text: str) -> None:
-        self._seq += 1
+        self.tokens += 1
         self.text_parts.append(text)
+        if len(self.log) > self._handed:
+            last = self.log[-1]
+            if last["type"] == "delta" and len(last["text"]) < MAX_COALESCED_CHARS:
+                last["text"] += text  # nobody has seen it yet: its readers are already woken
+                return
+        self._seq += 1
         event: DeltaEvent = {"type": "delta", "id": self.id, "seq": self._seq, "text": text}
         self._append(event)
 
@@ -58,9 +88,15 @@ class Generation:
     def finish(self, event: Event) -> None:
         self.finished = True
         self._append(event)
+        self._listeners.clear()
 
     def _append(self, event: Event) -> None:
         self.log.append(event)
+        for listener in self._listeners:
+            try:
+                listener(self)
+            except Exception:
+                log.exception("a generation listener failed", extra={"request_id": self.id})
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
@@ -72,6 +108,21 @@ class Generation:
         if self.task is not None and not self.task.done() and not self.cancel_requested:
             self.cancel_requested = True
             self.task.cancel()
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener(self)`` each time an event is logged, from the task logging it,
+        until the generation ends or :meth:`unsubscribe`. It must not block."""
+        if not self.finished and listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def read_from(self, index: int) -> list[Event]:
+        """The log from ``index`` on; those events are final from now on."""
+        self._handed = len(self.log)
+        return self.log[index:]
 
     async def events(self, after: int | None = None) -> AsyncIterator[Event]:
         """Every event in order, then live ones until the generation ends.
@@ -85,9 +136,9 @@ class Generation:
             while index < len(self.log):
                 event = self.log[index]
                 index += 1
-                if after is not None and (
-                    event["type"] == "start" or (event["type"] == "delta" and event["seq"] <= after)
-                ):
+                if index > self._handed:
+                    self._handed = index
+                if seen_before(event, after):
                     continue
                 yield event
                 if event["type"] in ("done", "error"):
@@ -97,3 +148,10 @@ class Generation:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             await waiter
+
+
+def seen_before(event: Event, after: int | None) -> bool:
+    """Whether a subscriber resuming after delta ``after`` has this event already."""
+    return after is not None and (
+        event["type"] == "start" or (event["type"] == "delta" and event["seq"] <= after)
+    )

@@ -222,11 +222,11 @@ class ChatService:
             log.warning(
                 "generation failed",
                 extra={"request_id": generation.id, "conversation_id": generation.conversation_id,
-                       "error": exc.message, "after_tokens": generation.seq},
+                       "error": exc.message, "after_tokens": generation.tokens},
             )
             # After the first token the client may retry the whole turn; before it,
             # retryability is the upstream error's own.
-            retryable = exc.retryable or generation.seq > 0
+            retryable = exc.retryable or generation.tokens > 0
             generation.finish(
                 error_event(provider_error_code(exc), exc.message, id=generation.id, retryable=retryable)
             )
@@ -239,8 +239,8 @@ class ChatService:
             return
         ended = self._clock()
         obs.GENERATIONS.labels(self.provider.name, reason).inc()
-        obs.TOKENS.labels(self.provider.name).inc(generation.seq)
-        completion = usage.completion_tokens if usage and usage.completion_tokens else generation.seq
+        obs.TOKENS.labels(self.provider.name).inc(generation.tokens)
+        completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
         done: DoneEvent = {
             "type": "done",
             "id": generation.id,
@@ -307,7 +307,7 @@ class ChatService:
     async def _remember(self, generation: Generation, turn: Turn, *, partial: bool) -> None:
         now = time.time()
         text = generation.text
-        if generation.seq == 0 and generation.log[-1]["type"] == "error":
+        if generation.tokens == 0 and generation.log[-1]["type"] == "error":
             return  # nothing was answered; the client will send the message again
         messages = [StoredMessage("user", turn.message, created_at=now)]
         if text or not partial:
