@@ -46,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_config=None,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
+        backlog=4096,  # thousands of sockets may arrive at once; the kernel caps it at somaxconn
     )
     return 0
 

@@ -2,26 +2,40 @@
 
 One :class:`Connection` class serves every dialect (:mod:`chatgate.api.dialects`): its
 receive loop hands each frame to the dialect's decoder and carries out the native command
-that comes back; each generation streaming to the socket has its own pump task, which
-passes the native events through the dialect's encoder. When the socket drops, running
-generations are not cancelled at once: they are orphaned for the resume grace period, so
-a client that reconnects can ``resume`` them, and cancelled when nobody does.
+that comes back. The generations streaming to the socket tell it when their logs grow
+(:meth:`Generation.subscribe`); it then flushes once, on the event loop's next turn,
+encoding every new event in the dialect and writing the frames straight away, so there is
+no task switch per token, and the tokens that arrived in the meantime have joined one delta.
+A frame that cannot be written at once (the client reads slowly) waits in the connection's
+outbox, in order, drained by one task, and a client that takes longer than
+``SEND_TIMEOUT_S`` for a frame is disconnected. When the socket drops, running generations
+are not cancelled at once: they are orphaned for the resume grace period, so a client that
+reconnects can ``resume`` them, and cancelled when nobody does.
 
 Each path has a default dialect; ``?dialect=NAME`` on any of them picks another.
+
+The handshakes on these paths are answered by :class:`WebSocketRoutes`, an ASGI middleware
+in front of the framework's router: a socket lives as long as its client stays, so the
+routing and dependency layers it would otherwise keep on its stack cost memory per idle
+socket and time per handshake (bench/RESULTS.md). Frames go straight to the server's ASGI
+``send``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, assert_never
+import re
+from collections import deque
+from collections.abc import Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, assert_never
 from urllib.parse import urlparse
 
 import orjson
-from fastapi import APIRouter, WebSocket
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatgate import observability as obs
 from chatgate.api.dialects import Dialect, DialectFactory, Peer, dialect_named, first_frame
@@ -38,13 +52,12 @@ from chatgate.api.dialects.base import (
     bad,
 )
 from chatgate.chat.events import ChatError, error_event
-from chatgate.chat.generation import Generation
+from chatgate.chat.generation import Generation, seen_before
 from chatgate.chat.service import Turn
 
 if TYPE_CHECKING:
     from chatgate.app import Gateway
 
-router = APIRouter()
 log = logging.getLogger("chatgate.ws")
 
 #: A client whose socket accepts no frame for this long is disconnected, not buffered.
@@ -66,15 +79,29 @@ def origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
     return urlparse(origin).netloc == websocket.headers.get("host", "")
 
 
+@dataclasses.dataclass(slots=True)
+class _Following:
+    """How far the socket has read one generation's log, and what the client had already."""
+
+    generation: Generation
+    index: int = 0
+    after: int | None = None
+
+
 class Connection:
     def __init__(self, websocket: WebSocket, peer: Peer, dialect: Dialect) -> None:
         self.websocket = websocket
+        self._asgi_send = websocket._send
         self.peer = peer
         self.gateway = peer.gateway
         self.dialect = dialect
-        self.pumps: dict[str, asyncio.Task[None]] = {}
-        self.generations: dict[str, Generation] = {}
-        self._send_lock = asyncio.Lock()
+        self.following: dict[str, _Following] = {}
+        self._ready: dict[str, _Following] = {}
+        self._flush_scheduled = False
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self._broken = False
 
     async def run(self) -> None:
         try:
@@ -138,7 +165,7 @@ class Connection:
                 assert_never(command)
 
     async def _chat(self, turn: Turn) -> None:
-        if turn.request_id is not None and turn.request_id in self.generations:
+        if turn.request_id is not None and turn.request_id in self.following:
             raise bad(f"a generation with id {turn.request_id!r} is already running on this socket")
         limit = self.gateway.settings.max_message_bytes
         if len(turn.message) * 4 > limit and len(turn.message.encode()) > limit:
@@ -156,57 +183,156 @@ class Connection:
 
     def _resume(self, generation: Generation, after: int) -> None:
         self.gateway.service.adopt(generation)
-        old = self.pumps.pop(generation.id, None)
-        if old is not None:
-            old.cancel()
-        self._follow(generation, after=after)
+        self._follow(generation, after=after)  # also on the socket already following it: replay
 
     def _follow(self, generation: Generation, after: int | None) -> None:
-        self.generations[generation.id] = generation
-        self.pumps[generation.id] = asyncio.create_task(self._pump(generation, after))
+        following = _Following(generation, after=after)
+        self.following[generation.id] = following
+        self._ready.pop(generation.id, None)
+        generation.subscribe(self._grown)
+        self._grown(generation)
 
-    async def _pump(self, generation: Generation, after: int | None) -> None:
-        try:
-            async for event in generation.events(after):
-                await self.emit(event, generation)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            if self.pumps.get(generation.id) is asyncio.current_task():
-                del self.pumps[generation.id]
-                if generation.finished:
-                    self.generations.pop(generation.id, None)
+    def _grown(self, generation: Generation) -> None:
+        """A followed generation logged an event: flush on the loop's next turn."""
+        following = self.following.get(generation.id)
+        if following is None:
+            return
+        self._ready[generation.id] = following
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._drainer is not None:
+            return  # a slow client: its tokens wait in the logs, joining fewer, larger deltas
+        ready, self._ready = self._ready, {}
+        for following in ready.values():
+            generation = following.generation
+            events = generation.read_from(following.index)
+            following.index += len(events)
+            for event in events:
+                if seen_before(event, following.after):
+                    continue
+                try:
+                    self._push(event, generation)
+                except Exception:
+                    log.exception("encoding an event failed", extra={"request_id": generation.id})
+                if event["type"] in ("done", "error"):
+                    generation.unsubscribe(self._grown)
+                    self.following.pop(generation.id, None)
 
     async def emit(self, event: Outgoing, generation: Generation | None = None) -> None:
         """Send ``event`` in the connection's dialect."""
-        for frame in self.dialect.encode(event, generation):
-            await self.send(frame)
+        if self._broken:
+            raise WebSocketDisconnect(1006)
+        self._push(event, generation)
 
     async def send(self, frame: Frame) -> None:
-        """Send one frame; a socket that is gone, or too slow, raises WebSocketDisconnect."""
-        text = orjson.dumps(frame).decode()
-        async with self._send_lock:
-            if self.websocket.application_state is not WebSocketState.CONNECTED:
-                raise WebSocketDisconnect(1006)
-            try:
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await self.websocket.send_text(text)
-            except TimeoutError:
-                log.warning("client too slow; disconnecting", extra={"owner": self.peer.owner})
-                await self.websocket.close(code=1013)
-                raise WebSocketDisconnect(1013) from None
-            except OSError as exc:
-                raise WebSocketDisconnect(1006) from exc
+        """Send one frame as it is (a dialect's own reply)."""
+        if self._broken:
+            raise WebSocketDisconnect(1006)
+        self._write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
 
-    def _detach(self) -> None:
-        for task in self.pumps.values():
-            task.cancel()
+    def _push(self, event: Outgoing, generation: Generation | None) -> None:
+        for frame in self.dialect.encode(event, generation):
+            self._write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+
+    def _write(self, message: dict[str, Any]) -> None:
+        """Hand ``message`` to the server now if nothing is queued before it.
+
+        The server's ``send`` is a coroutine that, while the socket accepts data, writes and
+        returns without ever waiting; it is run here up to its first wait, and only if it
+        does wait (the client is slow) does a task take over, finishing it and then draining
+        the outbox."""
+        if self._broken:
+            return
+        if self._drainer is not None:
+            self._outbox.append(message)
+            return
+        sending = self._asgi_send(message)
+        rest: Awaitable[None] = sending
+        if isinstance(sending, Coroutine):
+            try:
+                waiting_on = sending.send(None)
+            except StopIteration:
+                return
+            except OSError:
+                self._broken = True
+                return
+            rest = _finish(sending, waiting_on)
+        self._drainer = asyncio.create_task(self._drain(rest))
+
+    async def _drain(self, first: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await first
+            while self._outbox and not self._broken:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self._asgi_send(self._outbox.popleft())
+            if self._ready and not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
+        except TimeoutError:
+            log.warning("client too slow; disconnecting", extra={"owner": self.peer.owner})
+            self._broken = True
+            self._outbox.clear()
+            self._unfollow()
+            # The close frame waits behind the same full buffer; the server's keep-alive ping
+            # ends the connection if the client never reads again.
+            self._closing = asyncio.create_task(self._close(1013))
+        except OSError:
+            self._broken = True
+            self._outbox.clear()
+        finally:
+            self._drainer = None
+
+    async def _close(self, code: int) -> None:
+        with contextlib.suppress(Exception):
+            await self.websocket.close(code=code)
+
+    def _unfollow(self) -> None:
+        """Stop following every generation; those still running are orphaned, so a new
+        socket can resume them within the grace period."""
         grace = self.gateway.settings.resume_grace_s
-        for generation in self.generations.values():
+        for following in self.following.values():
+            generation = following.generation
+            generation.unsubscribe(self._grown)
             if not generation.finished:
                 self.gateway.service.orphan(generation, grace)
-        self.pumps.clear()
-        self.generations.clear()
+        self.following.clear()
+        self._ready.clear()
+
+    def _detach(self) -> None:
+        self._broken = True
+        self._outbox.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
+        self._unfollow()
+
+
+async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Run a coroutine that was started by hand and is now waiting on ``waiting_on`` (what
+    its first ``send(None)`` returned) to its end, as a task would have."""
+    while True:
+        try:
+            if waiting_on is None:  # a bare yield: let the loop run once
+                await asyncio.sleep(0)
+            else:
+                # The future was yielded to us as to a task, which takes it by clearing this
+                # flag (asyncio's protocol between futures and tasks); then it may be awaited.
+                waiting_on._asyncio_future_blocking = False
+                await waiting_on
+        except BaseException as exc:  # passed into the coroutine, as a task would
+            try:
+                waiting_on = coroutine.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting_on = coroutine.send(None)
+        except StopIteration:
+            return
 
 
 def _request_id(command: Command | None) -> str | None:
@@ -231,7 +357,7 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
         await websocket.send_text(orjson.dumps(exc.event()).decode())
         await websocket.close(code=1008, reason=exc.message[:120])
         return
-    peer = Peer(gateway, dict(websocket.path_params), client=websocket.client.host if websocket.client else None)
+    peer = Peer(gateway, websocket.path_params, client=websocket.client.host if websocket.client else None)
     connection = Connection(websocket, peer, factory(peer))
     limit = gateway.settings.max_connections
     if limit and gateway.websockets_open >= limit:
@@ -255,12 +381,36 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
         obs.WS_CONNECTIONS.dec()
 
 
-def _endpoint(default: DialectFactory) -> Callable[[WebSocket], Awaitable[None]]:
-    async def endpoint(websocket: WebSocket) -> None:
-        await serve_socket(websocket, websocket.app.state.gateway, default)
+_EXACT_PATHS = {path: factory for path, factory in PATH_DIALECTS.items() if "{" not in path}
+_PATTERN_PATHS = [
+    (re.compile(re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)), factory)
+    for path, factory in PATH_DIALECTS.items()
+    if "{" in path
+]
 
-    return endpoint
+
+def route(path: str) -> tuple[DialectFactory, dict[str, str]] | None:
+    """The default dialect of a WebSocket path and its path parameters; ``None`` if unknown."""
+    factory = _EXACT_PATHS.get(path)
+    if factory is not None:
+        return factory, {}
+    for pattern, factory in _PATTERN_PATHS:
+        match = pattern.fullmatch(path)
+        if match is not None:
+            return factory, match.groupdict()
+    return None
 
 
-for _path, _default in PATH_DIALECTS.items():
-    router.add_api_websocket_route(_path, _endpoint(_default))
+class WebSocketRoutes:
+    """Serve the dialect paths' WebSockets; everything else goes on to ``app``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = route(scope["path"]) if scope["type"] == "websocket" else None
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        default, scope["path_params"] = found
+        await serve_socket(WebSocket(scope, receive, send), scope["app"].state.gateway, default)

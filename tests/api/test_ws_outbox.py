@@ -1,0 +1,143 @@
+"""The WebSocket connection's writing: frames go out from the flush without a task switch
+while the client reads, wait in order behind a slow one (whose tokens meanwhile join fewer,
+larger deltas), and a client that stops reading for SEND_TIMEOUT_S is disconnected.
+
+The gateway's parts are real (settings, chat service, the fake upstream over HTTP); only
+the socket is an ASGI stand-in whose client reads when the test says so, since a real
+client that stops reading takes megabytes of kernel buffers to notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from starlette.websockets import WebSocket
+
+from chatgate.api import ws
+from chatgate.api.dialects import Peer, dialect_named
+from chatgate.app import Gateway, close_gateway, open_gateway
+from chatgate.chat.agents import load_agents
+from chatgate.config import load_settings
+from chatgate.testing.fake_llm import fake_reply
+from chatgate.testing.servers import FakeLLM
+
+BOUND_S = 5.0
+
+
+async def wait_until(condition: Callable[[], object], bound_s: float = BOUND_S) -> None:
+    """Poll ``condition`` on this loop (the gateway shares it) for at most ``bound_s``."""
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+class ClientSide:
+    """The client end of one ASGI WebSocket: frames it sends, frames it has read, and
+    whether it is reading (a send to it waits while it is not)."""
+
+    def __init__(self) -> None:
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.frames: list[dict[str, Any]] = []
+        self.closed_with: int | None = None
+        self.reading = asyncio.Event()
+        self.reading.set()
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.inbox.get()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.reading.wait()
+        if message["type"] == "websocket.send":
+            self.frames.append(orjson.loads(message["text"]))
+        elif message["type"] == "websocket.close":
+            self.closed_with = message.get("code", 1000)
+            self.inbox.put_nowait({"type": "websocket.disconnect", "code": self.closed_with})
+
+    def say(self, frame: dict[str, Any]) -> None:
+        self.inbox.put_nowait({"type": "websocket.receive", "text": orjson.dumps(frame).decode()})
+
+    def deltas(self, generation_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("type") == "delta" and f.get("id") == generation_id]
+
+    def done(self, generation_id: str) -> bool:
+        return any(f.get("type") == "done" and f.get("id") == generation_id for f in self.frames)
+
+
+@pytest.fixture
+async def gateway(fake: FakeLLM) -> AsyncIterator[Gateway]:
+    settings = load_settings(provider="ollama", ollama_host=fake.url, model="fake-model", store="memory")
+    opened = await open_gateway(settings, load_agents(None))
+    try:
+        yield opened
+    finally:
+        await close_gateway(opened)
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[ClientSide]:
+    side = ClientSide()
+    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b"", "client": ("127.0.0.1", 9)}
+    socket = WebSocket(scope, side.receive, side.send)  # type: ignore[arg-type]
+    side.inbox.put_nowait({"type": "websocket.connect"})
+    await asyncio.wait_for(socket.accept(), BOUND_S)
+    peer = Peer(gateway, {}, client="127.0.0.1")
+    connection = ws.Connection(socket, peer, dialect_named("native")(peer))
+    running = asyncio.create_task(connection.run())
+    yield side
+    side.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+    side.reading.set()
+    await asyncio.wait_for(running, BOUND_S)
+
+
+async def test_a_reading_client_gets_every_token_in_order(client: ClientSide) -> None:
+    client.say({"type": "chat", "id": "g1", "message": "hi"})
+    await wait_until(lambda: client.done("g1"))
+    deltas = client.deltas("g1")
+    assert "".join(d["text"] for d in deltas) == fake_reply(40)
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert [f["type"] for f in client.frames] == ["start", *["delta"] * len(deltas), "done"]
+
+
+async def test_a_slow_client_gets_everything_in_order_in_fewer_frames(
+    client: ClientSide, fake: FakeLLM, gateway: Gateway
+) -> None:
+    fake.configure(tokens=60, tps=200)
+    client.say({"type": "chat", "id": "g1", "message": "hi"})
+    await wait_until(lambda: client.deltas("g1"))
+    client.reading.clear()  # the client stops reading for a while
+    generation = gateway.service.get("g1")
+    assert generation is not None
+    await wait_until(lambda: generation.tokens >= 40)
+    client.say({"type": "ping"})  # answered in order, after what was already waiting
+    client.reading.set()
+    await wait_until(lambda: client.done("g1"))
+    deltas = client.deltas("g1")
+    assert "".join(d["text"] for d in deltas) == fake_reply(60)
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert len(deltas) < 40  # what piled up while it did not read went out as a few deltas
+    await wait_until(lambda: {"type": "pong"} in client.frames)
+
+
+async def test_a_client_that_stops_reading_is_disconnected_and_its_answer_kept(
+    client: ClientSide, fake: FakeLLM, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ws, "SEND_TIMEOUT_S", 0.3)
+    fake.configure(tokens=150, tps=100)
+    client.say({"type": "chat", "id": "g1", "conversation_id": "c-slow", "message": "hi"})
+    await wait_until(lambda: client.deltas("g1"))
+    generation = gateway.service.get("g1")
+    assert generation is not None
+    client.reading.clear()
+    await wait_until(lambda: generation.orphan_timer is not None)  # given up: a new socket may resume it
+    client.reading.set()  # the close frame was waiting behind the full buffer
+    await wait_until(lambda: client.closed_with is not None)
+    assert client.closed_with == 1013
+    await wait_until(lambda: generation.finished)
+    stored = await gateway.store.window("c-slow", 10)
+    assert [m.content for m in stored] == ["hi", fake_reply(150)]
