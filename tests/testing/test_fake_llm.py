@@ -444,6 +444,28 @@ async def test_ttft_and_tps_are_respected(client: httpx.AsyncClient) -> None:
     assert record["first_token_at"] - record["started_at"] >= 0.095
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_many_paced_streams_share_one_pacer_and_each_keeps_its_pace(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    """200 streams at 20 tokens/s, started together: every one gets all its tokens, in order,
+    no sooner than its pace allows, and the wire format is intact (chunked, then the tail)."""
+    await client.post("/_fake/config", json={"tokens": 4, "tps": 20})
+
+    async def one() -> tuple[list[str], float]:
+        started = time.monotonic()
+        async with client.stream("POST", path, json=stream_body(CHAT)) as response:
+            lines = [line async for line in response.aiter_lines() if line.strip()]
+        payloads = [json.loads(line.removeprefix("data: ")) for line in lines if line != "data: [DONE]"]
+        return token_texts(path, payloads), time.monotonic() - started
+
+    results = await asyncio.gather(*(one() for _ in range(200)))
+    for texts, elapsed in results:
+        assert texts == fake_tokens(4)
+        assert elapsed >= 3 * 0.05 - 0.005
+    assert all(r["completed"] and r["tokens_sent"] == 4 for r in await records(client))
+
+
 @pytest.mark.parametrize(
     "change",
     [{"tokens": -1}, {"tokens": 1.5}, {"tps": "fast"}, {"ttft_ms": -3}, {"tokens": True}, {"x": 1}],

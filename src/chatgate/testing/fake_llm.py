@@ -7,7 +7,9 @@ of every chat request and reset. Times are ``time.monotonic()`` values, which on
 CLOCK_MONOTONIC and so comparable across processes.
 
 It is the baseline in relay benchmarks, so every frame of a stream is encoded once per request
-(one per distinct token text) and each token is a single write of ready-made bytes.
+(one per distinct token text) and each token is a single write of ready-made bytes. Paced
+streams without a fault are sent by one :class:`_Pacer` per server rather than a timer and a
+task step per token, so thousands of them cost the fake little of a shared machine.
 
 A fault strikes when the token after its ``after`` tokens would have been due; a request for a
 missing model is answered 404 without taking a fault from the queue.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import itertools
 import signal
 import time
@@ -39,6 +42,9 @@ _TOKEN_JSON = (orjson.dumps(_WORDS[0]), *(orjson.dumps(token) for token in _LATE
 
 _MAX_RECORDS = 10_000
 _SHUTDOWN_TIMEOUT_S = 0.25
+#: Pending connections the listening socket holds: a gateway opening thousands of upstream
+#: streams at once must not have its connections dropped (the default is 128).
+_BACKLOG = 4096
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _MODIFIED_AT = "2025-01-01T00:00:00Z"
 _MODEL_DETAILS = {
@@ -428,12 +434,100 @@ async def _until_cancelled() -> None:
     await asyncio.get_running_loop().create_future()
 
 
+class _PacedStream:
+    """One stream's remaining tokens, written straight to its transport as HTTP chunks."""
+
+    __slots__ = ("done", "frames", "next_index", "pending_head", "transport", "turn")
+
+    def __init__(self, turn: _Turn, frames: _Frames, transport: asyncio.Transport) -> None:
+        self.turn = turn
+        self.frames = frames
+        self.transport = transport
+        self.pending_head = frames.head
+        self.next_index = 0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def send_next(self) -> float | None:
+        """Write the due token; the next one's due time, or ``None`` when all are sent."""
+        if self.done.done():
+            return None
+        if self.transport.is_closing():
+            self.done.set_exception(ConnectionResetError("the client went away"))
+            return None
+        i = self.next_index
+        data = self.pending_head + self.frames.tokens[_token_frame_index(i)]
+        self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        self.pending_head = b""
+        record = self.turn.record
+        record.tokens_sent = self.next_index = i + 1
+        if i == 0:
+            record.first_token_at = time.monotonic()
+        if self.next_index < self.turn.emitted:
+            return self.turn.due(self.next_index)
+        self.done.set_result(None)
+        return None
+
+
+class _Pacer:
+    """Writes every paced stream's tokens from one timer, all those due within the same
+    millisecond in one pass."""
+
+    TICK_S = 0.001
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, _PacedStream]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = float("inf")
+
+    def add(self, stream: _PacedStream) -> None:
+        self._push(stream.turn.due(0), stream)
+        self._arm()
+
+    def _push(self, due: float, stream: _PacedStream) -> None:
+        heapq.heappush(self._heap, (due, next(self._order), stream))
+
+    def _arm(self) -> None:
+        if not self._heap or self._heap[0][0] >= self._timer_due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = self._heap[0][0]
+        delay = max(0.0, self._timer_due - time.monotonic())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._send_due)
+
+    def _send_due(self) -> None:
+        self._timer, self._timer_due = None, float("inf")
+        horizon = time.monotonic() + self.TICK_S
+        heap = self._heap
+        while heap and heap[0][0] <= horizon:
+            _, _, stream = heapq.heappop(heap)
+            due = stream.send_next()
+            if due is not None:
+                self._push(due, stream)
+        self._arm()
+
+
+_PACER = web.AppKey("chatgate_fake_llm_pacer", _Pacer)
+
+
 async def _stream(request: web.Request, turn: _Turn, frames: _Frames) -> web.StreamResponse:
     record = turn.record
     response = web.StreamResponse(headers={"Content-Type": frames.content_type})
     pending_head = frames.head
     try:
         await response.prepare(request)
+        transport = request.transport
+        chunked = response.headers.get("Transfer-Encoding") == "chunked"
+        if turn.fault is None and turn.interval_s > 0 and chunked and transport is not None:
+            paced = _PacedStream(turn, frames, transport)
+            request.app[_PACER].add(paced)
+            await paced.done
+            await response.write(frames.tail())
+            record.finished_at = time.monotonic()
+            record.completed = True
+            await response.write_eof()
+            return response
         for i in range(turn.emitted):
             await _wait_until(turn.due(i))
             await response.write(pending_head + frames.tokens[_token_frame_index(i)])
@@ -671,6 +765,7 @@ def create_app(settings: FakeSettings) -> web.Application:
     """
     app = web.Application(client_max_size=_MAX_BODY_BYTES)
     app[_STATE] = _State(settings)
+    app[_PACER] = _Pacer()
     app.router.add_get("/", _ollama_root)
     app.router.add_get("/api/version", _ollama_version)
     app.router.add_get("/api/tags", _ollama_tags)
@@ -720,7 +815,7 @@ async def start_fake_llm(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=_BACKLOG).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -746,5 +841,11 @@ async def _serve_until_signalled(host: str, port: int, settings: FakeSettings) -
 def run_fake_llm(
     host: str = "127.0.0.1", port: int = 0, settings: FakeSettings | None = None
 ) -> None:
-    """Serve in the foreground until SIGINT or SIGTERM."""
-    asyncio.run(_serve_until_signalled(host, port, settings or FakeSettings()))
+    """Serve in the foreground until SIGINT or SIGTERM (on uvloop when it is installed)."""
+    main = _serve_until_signalled(host, port, settings or FakeSettings())
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
