@@ -11,12 +11,15 @@ Modes:
   request time, every token's arrival and the completion; ws opens a new connection per answer.
 - ``idle``: open ``connections`` WebSockets to ``/ws``, hold them until ``release``.
 - ``streams``: ``streams`` concurrent answers started evenly over ``stagger_s``; token gaps,
-  also only those while every stream is held (``steady_from_s``..``steady_to_s`` after t0).
+  also by when they ended (``SLOT_S`` slots after t0), with when the last stream's first token
+  and the first stream's last token came, so the orchestrator can keep the gaps of the time
+  every stream of every load process was open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -28,6 +31,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -37,6 +41,8 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 PROMPT = "hi"
 ERROR_PAUSE_S = 0.01
 CLEANUP_S = 5.0
+#: Stream gaps are reported per slot of this many seconds after t0.
+SLOT_S = 0.25
 
 
 class AnswerError(Exception):
@@ -69,8 +75,6 @@ class Job:
     hold_s: float = 120.0
     streams: int = 0
     stagger_s: float = 1.0
-    steady_from_s: float = 0.0
-    steady_to_s: float = 0.0
 
     def body(self) -> bytes:
         if self.protocol == "text":
@@ -90,17 +94,21 @@ async def _expect_ok(response: aiohttp.ClientResponse) -> None:
         raise AnswerError(f"HTTP {response.status}: {detail}")
 
 
+def arrived(answer: Answer, text: str | bytes, now: float) -> None:
+    """Record the tokens in one piece of text. The gateway joins tokens that were already
+    waiting into one frame; the fake's tokens are "Hello" then " word", so a piece holds as
+    many tokens as spaces, plus one for the very first."""
+    spaces = text.count(" ") if isinstance(text, str) else text.count(b" ")
+    answer.arrivals.extend([now] * (spaces + (not answer.arrivals)))
+
+
 async def read_text(session: aiohttp.ClientSession, job: Job, body: bytes, answer: Answer) -> None:
-    """``POST /chat`` text chunks. The fake's tokens are "Hello" then " word", so a chunk
-    holds as many tokens as spaces, plus one for the very first."""
+    """``POST /chat`` text chunks."""
     answer.started = time.monotonic()
     async with session.post(job.url, data=body, headers=JSON_HEADERS) as response:
         await _expect_ok(response)
-        first = 1
         async for chunk in response.content.iter_any():
-            now = time.monotonic()
-            answer.arrivals.extend([now] * (chunk.count(b" ") + first))
-            first = 0
+            arrived(answer, chunk, time.monotonic())
 
 
 async def read_ollama(session: aiohttp.ClientSession, job: Job, body: bytes, answer: Answer) -> None:
@@ -139,32 +147,117 @@ async def read_sse(session: aiohttp.ClientSession, job: Job, body: bytes, answer
             if "error" in data:
                 raise AnswerError(f"error chunk: {data['error']}"[:200])
             choices = data.get("choices") or [{}]
-            if (choices[0].get("delta") or {}).get("content"):
-                answer.arrivals.append(now)
+            content = (choices[0].get("delta") or {}).get("content")
+            if content:
+                arrived(answer, content, now)
     raise AnswerError("stream ended without data: [DONE]")
+
+
+class WsAnswer(asyncio.Protocol):
+    """A native ``/ws`` answer on a new connection, spoken by hand: the load process should
+    spend as little of the shared machine as it can, and a WebSocket client library spends
+    several times what parsing these small unmasked frames takes. Handshake, one masked chat
+    frame, then start/delta.../done; pings are answered, anything else is an error."""
+
+    def __init__(self, host: str, path: str, body: bytes, answer: Answer) -> None:
+        self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                        f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}"
+                        "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+        self.body = body
+        self.answer = answer
+        self.opening = time.monotonic()
+        self.buffer = b""
+        self.upgraded = False
+        self.transport: asyncio.Transport | None = None
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.write(self.request)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.finished.done():
+            return
+        self.buffer += data
+        if not self.upgraded:
+            head, sep, rest = self.buffer.partition(b"\r\n\r\n")
+            if not sep:
+                return
+            if not head.startswith(b"HTTP/1.1 101"):
+                status = head.partition(b"\r\n")[0].decode(errors="replace")
+                self._fail(f"handshake refused: {status}")
+                return
+            self.upgraded, self.buffer = True, rest
+            now = time.monotonic()
+            self.answer.connect_s = now - self.opening
+            self.answer.started = now
+            self._send(0x1, self.body)
+        self._read_frames()
+
+    def _read_frames(self) -> None:
+        buffer, at = self.buffer, 0
+        while len(buffer) - at >= 2:
+            opcode, length, start = buffer[at] & 0x0F, buffer[at + 1] & 0x7F, at + 2
+            if length == 126:
+                length, start = int.from_bytes(buffer[start:start + 2]), start + 2
+            elif length == 127:
+                length, start = int.from_bytes(buffer[start:start + 8]), start + 8
+            if len(buffer) < start + length:
+                break
+            payload, at = buffer[start:start + length], start + length
+            if opcode == 0x1:
+                self._event(payload)
+            elif opcode == 0x9:
+                self._send(0xA, payload)
+            elif opcode == 0x8:
+                self._fail(f"socket closed before done (code {int.from_bytes(payload[:2]) if payload else '-'})")
+            if self.finished.done():
+                return
+        self.buffer = buffer[at:]
+
+    def _event(self, payload: bytes) -> None:
+        event = orjson.loads(payload)
+        kind = event.get("type")
+        if kind == "delta":
+            arrived(self.answer, event["text"], time.monotonic())
+        elif kind == "done":
+            self._send(0x8, (1000).to_bytes(2))
+            self.finished.set_result(None)
+            assert self.transport is not None
+            self.transport.close()
+        elif kind == "error":
+            self._fail(f"error frame: {event.get('code')}: {event.get('message')}"[:200])
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        """A client frame: always masked (RFC 6455 5.3), here with a random key per frame."""
+        mask = os.urandom(4)
+        size = len(payload)
+        header = bytes([0x80 | opcode]) + (bytes([0x80 | size]) if size < 126 else bytes([0xFE]) + size.to_bytes(2))
+        masked = (int.from_bytes(payload) ^ int.from_bytes((mask * (size // 4 + 1))[:size])).to_bytes(size)
+        assert self.transport is not None
+        self.transport.write(header + mask + masked)
+
+    def _fail(self, reason: str) -> None:
+        if not self.finished.done():
+            self.finished.set_exception(AnswerError(reason))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"socket ended before done ({exc or 'closed'})")
 
 
 async def read_ws(session: aiohttp.ClientSession, job: Job, body: bytes, answer: Answer) -> None:
     """Native ``/ws`` on a new connection: chat frame, then start, deltas, done. TTFT counts
     from the chat frame; the handshake is kept apart as ``connect_s``."""
-    opening = time.monotonic()
-    async with session.ws_connect(job.url, compress=0, autoping=True) as ws:
-        answer.connect_s = time.monotonic() - opening
-        answer.started = time.monotonic()
-        await ws.send_str(body.decode())
-        while True:
-            message = await ws.receive()
-            now = time.monotonic()
-            if message.type is not aiohttp.WSMsgType.TEXT:
-                raise AnswerError(f"socket ended before done ({message.type.name})")
-            event = orjson.loads(message.data)
-            kind = event.get("type")
-            if kind == "delta":
-                answer.arrivals.append(now)
-            elif kind == "done":
-                return
-            elif kind == "error":
-                raise AnswerError(f"error frame: {event.get('code')}: {event.get('message')}"[:200])
+    url = urlsplit(job.url)
+    loop = asyncio.get_running_loop()
+    protocol = WsAnswer(url.netloc, url.path or "/", body, answer)
+    transport, _ = await loop.create_connection(lambda: protocol, url.hostname, url.port)
+    try:
+        await protocol.finished
+    finally:
+        transport.close()
 
 
 READERS: dict[str, Reader] = {"text": read_text, "ollama": read_ollama, "sse": read_sse, "ws": read_ws}
@@ -283,14 +376,19 @@ async def run_streams(job: Job, t0: float) -> dict[str, Any]:
         wall_s = time.monotonic() - t0
     summary = summarise(answers, t0, float("inf"))
     summary["ttft_ms"] = sorted(summary["ttft_ms"])[:: max(1, len(summary["ttft_ms"]) // 1000)]
-    # Held streams: only gaps ending once every stream has started and before the first ends.
-    steady = Histogram()
-    low, high = t0 + job.steady_from_s, t0 + job.steady_to_s
+    # Gaps by when they ended, so that only those while every stream was open can be kept.
+    slots: dict[int, Histogram] = {}
+    firsts, lasts = [], []
     for answer in answers:
-        if answer.error is None and answer.done is not None:
+        if answer.error is None and answer.done is not None and answer.arrivals:
             arrivals = answer.arrivals
-            steady.add_all(b - a for a, b in itertools.pairwise(arrivals) if low <= b <= high)
-    return {**summary, "steady_gaps": steady.to_json(), "client_cpu_s": client_cpu_s, "wall_s": wall_s}
+            firsts.append(arrivals[0] - t0)
+            lasts.append(arrivals[-1] - t0)
+            for earlier, later in itertools.pairwise(arrivals):
+                slots.setdefault(int((later - t0) / SLOT_S), Histogram()).add(later - earlier)
+    held = {"slot_s": SLOT_S, "gap_slots": {str(k): h.to_json() for k, h in sorted(slots.items())},
+            "last_first_token_s": max(firsts, default=None), "first_last_token_s": min(lasts, default=None)}
+    return {**summary, **held, "client_cpu_s": client_cpu_s, "wall_s": wall_s}
 
 
 async def run_idle(job: Job, t0: float) -> dict[str, Any]:

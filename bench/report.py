@@ -104,22 +104,27 @@ def _streams(results: dict[str, Any]) -> list[str]:
     lines = [
         f"Each stream is a new `/ws` connection asking for {streams.get('answer_s', '?')} s of tokens at "
         f"20 tokens/s; streams start evenly over max(1 s, count/1000 s). *Held* gaps are those while every "
-        f"stream is open (from 1 s after the last start until the first is due to end). Largest count with "
+        f"stream is open: from 1 s after the last stream's first token (a gateway slow to accept starts "
+        f"some late) until 0.5 s before the first stream's last token; *held window* gives those bounds "
+        f"in seconds after the first start. Largest count with "
         f"held p99 gap minus the nominal {streams['nominal_gap_ms']:.0f} ms ≤ {streams['budget_ms']:.0f} ms "
         f"and ≥ 99 % of streams complete: **{streams['max_streams_within_budget']:,}**. TTFT counts "
         "from the chat frame; *connect p99* is the WebSocket handshake, where a saturated gateway "
         "leaves new connections waiting in its accept queue.",
         "",
         "| streams | via | completed | held gap p50 | held gap p99 | added p99 | held gap max "
-        "| whole-run gap p99 | TTFT p50 | connect p99 | server cores | client cores | machine busy cores |",
-        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| whole-run gap p99 | held window | TTFT p50 | connect p99 | server cores | client cores "
+        "| machine busy cores |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for step in streams["steps"]:
         lines.append(
             f"| {step['streams']:,} | {'chatgate /ws' if step['via'] == 'ws' else 'direct NDJSON'} "
             f"| {step['completed']:,} | {_fmt(step['gap_p50_ms'])} ms | {_fmt(step['gap_p99_ms'])} ms "
             f"| {_fmt(step['added_gap_p99_ms'])} ms | {_fmt(step['gap_max_ms'])} ms "
-            f"| {_fmt(step['whole_run_gap_p99_ms'])} ms | {_fmt(step['ttft_p50_ms'])} ms "
+            f"| {_fmt(step['whole_run_gap_p99_ms'])} ms "
+            f"| {_fmt(step.get('held_from_s'), 1)} to {_fmt(step.get('held_to_s'), 1)} s "
+            f"| {_fmt(step['ttft_p50_ms'])} ms "
             f"| {_fmt(step.get('connect_p99_ms'))} ms "
             f"| {step['server_cpu_share']:.2f} | {step['client_cpu_share']:.2f} | {step['machine_busy_cores']:.2f} |"
         )
@@ -137,6 +142,27 @@ def _idle(results: dict[str, Any]) -> str:
         f"**{_fmt(idle['kib_per_connection'], 1)} KiB per connection** "
         f"({idle['rss_after_close_kib'] / 1024:,.1f} MiB after they closed)."
     )
+
+
+def _granian(results: dict[str, Any]) -> list[str]:
+    """uvicorn (what ``chatgate serve`` runs) against granian, same app, same run."""
+    granian = results.get("granian") or {}
+    if granian.get("status") != "ok":
+        return [f"granian: {granian.get('status', 'not run')}."]
+    rows = ["| server | target | clients | answers/s | TTFT p50 | server CPU s / 1k tokens |",
+            "|---|---|--:|--:|--:|--:|"]
+    for cell in granian["cells"]:
+        ours = _cell(results, cell["target"], cell["concurrency"])
+        for name, c in (("uvicorn", ours), (f"granian {granian['version']}", cell)):
+            if c is not None:
+                rows.append(f"| {name} | {cell['target']} | {c['concurrency']} | {c['answers_per_s']:,.0f} | "
+                            f"{_fmt(c['ttft_p50_ms'])} ms | {_fmt(c['server_cpu_s_per_1k_tokens'], 3)} |")
+    idle = results.get("idle_ws") or {}
+    theirs = granian["idle_ws"]
+    rows += ["", f"Idle WebSockets: uvicorn {_fmt(idle.get('kib_per_connection'), 1)} KiB per connection "
+             f"({idle.get('opened', 0):,} open), granian {_fmt(theirs.get('kib_per_connection'), 1)} KiB "
+             f"({theirs.get('opened', 0):,} open)."]
+    return rows
 
 
 def markdown(results: dict[str, Any], chart_name: str) -> str:
@@ -191,6 +217,11 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         *_streams(results),
         "",
+        "## ASGI server: uvicorn against granian",
+        "",
+        *_granian(results),
+        "",
+        *_changes(),
         *(["## Failures", "", *[f"- {f}" for f in failures], ""] if failures else []),
         "Raw figures: `bench/out/results.json`.",
         "",
@@ -235,6 +266,13 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def _changes() -> list[str]:
+    """What was changed for speed and what each change gained: bench/CHANGES.md, by hand,
+    since each figure there compares two runs (before and after one change)."""
+    path = Path(__file__).with_name("CHANGES.md")
+    return [path.read_text().rstrip(), ""] if path.exists() else []
 
 
 def write(results: dict[str, Any], markdown_path: Path, chart_path: Path) -> None:

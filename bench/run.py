@@ -30,6 +30,7 @@ import hotspots
 import report
 from scenarios import Settings, Target, answers_cell, idle_websockets, stream_ramp
 from servers import (
+    CHATGATE,
     REPO,
     ProcessTree,
     Service,
@@ -57,9 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--litellm-venv", type=Path, help="virtualenv holding bin/litellm")
     parser.add_argument("--store", choices=("memory", "sqlite"), default="memory")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="serve the gateway app with this ASGI server (chatgate serve uses uvicorn)")
     parser.add_argument("--levels", default="1,50,200", help="concurrency levels, comma separated")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
-    parser.add_argument("--skip", default="", help="comma list of: idle, streams")
+    parser.add_argument("--skip", default="", help="comma list of: idle, streams, granian")
     parser.add_argument("--idle-connections", type=int, help="idle WebSockets (default 5000, quick 1000)")
     parser.add_argument("--stream-counts", help="comma list of concurrent stream counts to try")
     parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50, or streams:COUNT - py-spy the server "
@@ -188,6 +191,49 @@ def run_answers(args: argparse.Namespace, settings: Settings, fake: Service, gat
                   f"{cell['ttft_p50_ms']} ms  errors {cell['errors']}", flush=True)
 
 
+def compare_granian(args: argparse.Namespace, settings: Settings, fake: Service, services: list[Service],
+                    results: dict[str, Any]) -> None:
+    """The same app under granian instead of uvicorn: /chat and /ws at 1 and 50 clients, and
+    the memory of 1,000 idle sockets (the choice of server in RESULTS.md rests on these)."""
+    if not CHATGATE.with_name("granian").exists():
+        results["granian"] = {"status": "not installed (pip install granian)"}
+        return
+    gateway = start_gateway(args.out / "logs", "chatgate-granian", fake.url, store_url(args), args.workers,
+                            gateway_env(args), "granian")
+    services.append(gateway)
+    server = ProcessTree(gateway.pid)
+    ws_url = gateway.url.replace("http://", "ws://") + "/ws"
+    targets = [Target("chat", "granian POST /chat", "text", f"{gateway.url}/chat", server),
+               Target("ws", "granian /ws (new conn/answer)", "ws", ws_url, server)]
+    cells = []
+    for level in (1, 50):
+        for target in targets:
+            cell = answers_cell(target, level, settings, ProcessTree(fake.pid))
+            cells.append(cell)
+            print(f"  granian {target.key:>4} x{level:<4} {cell['answers_per_s']:8.1f} answers/s  ttft p50 "
+                  f"{cell['ttft_p50_ms']} ms", flush=True)
+    gateway.stop()
+    services.remove(gateway)
+    fresh = start_gateway(args.out / "logs", "chatgate-granian-idle", fake.url, store_url(args), args.workers,
+                          gateway_env(args), "granian")
+    services.append(fresh)
+    idle = idle_websockets(fresh.url.replace("http://", "ws://") + "/ws", ProcessTree(fresh.pid), 1000,
+                           settings.load_processes)
+    print(f"  granian idle: {idle['kib_per_connection']} KiB per connection", flush=True)
+    results["granian"] = {"status": "ok", "version": package_version("granian"), "cells": cells, "idle_ws": idle}
+    fresh.stop()
+    services.remove(fresh)
+
+
+def package_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:
+        return "?"
+
+
 def run_special(args: argparse.Namespace, settings: Settings, services: list[Service], results: dict[str, Any]) -> None:
     """Idle sockets and the 20-tokens/s stream ramp, on a fresh gateway over a paced fake."""
     skip = set(args.skip.split(","))
@@ -199,7 +245,7 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
     slow = start_fake(args.out / "logs", "fake-20tps", stream_settings.tokens, tps=20)
     services.append(slow)
     gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), args.workers,
-                            gateway_env(args))
+                            gateway_env(args), args.server)
     services.append(gateway)
     ws_url = gateway.url.replace("http://", "ws://") + "/ws"
     if "idle" not in skip:
@@ -262,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         "uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
         "machine": machine(),
         "settings": {"warmup_s": settings.warmup_s, "duration_s": settings.duration_s, "store": args.store,
-                     "workers": args.workers, "tokens": settings.tokens, "load_processes": settings.load_processes,
+                     "workers": args.workers, "server": args.server, "tokens": settings.tokens, "load_processes": settings.load_processes,
                      "repeat": args.repeat, "quiet_wait_s": settings.quiet_wait_s,
                      "gateway_env": gateway_env(args)},
         "cells": [],
@@ -274,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         fake = start_fake(args.out / "logs", "fake-llm", settings.tokens)
         services.append(fake)
         gateway = start_gateway(args.out / "logs", "chatgate", fake.url, store_url(args), args.workers,
-                                gateway_env(args))
+                                gateway_env(args), args.server)
         services.append(gateway)
         litellm, litellm_status = None, "not installed (bench/install-litellm.sh)"
         binary = litellm_binary(args.litellm_venv)
@@ -290,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 litellm_status = f"failed to start: {str(exc).splitlines()[0]}"
         print(f"fake {fake.url}, chatgate {gateway.url} (pid {gateway.pid}), litellm: {litellm_status}", flush=True)
         run_answers(args, settings, fake, gateway, litellm, litellm_status, results)
+        if "granian" not in args.skip.split(",") and args.server == "uvicorn":
+            compare_granian(args, settings, fake, services, results)
         for service in reversed(services):
             service.stop()
         services.clear()

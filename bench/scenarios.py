@@ -250,6 +250,8 @@ class StreamStep:
     added_gap_p99_ms: float | None
     whole_run_gap_p99_ms: float | None
     steady_gaps: int
+    held_from_s: float | None
+    held_to_s: float | None
     ttft_p50_ms: float | None
     connect_p99_ms: float | None
     server_cpu_share: float
@@ -267,12 +269,29 @@ class StreamStep:
         )
 
 
+def held_gaps(results: list[dict[str, Any]]) -> tuple[Histogram, float | None, float | None]:
+    """The gaps while every stream was open: from ``STEADY_SETTLE_S`` after the last stream's
+    first token (a gateway that is slow to accept starts some streams late) until half that
+    before the first stream's last token; with the window's bounds, in seconds after t0."""
+    firsts = [r["last_first_token_s"] for r in results]
+    lasts = [r["first_last_token_s"] for r in results]
+    held = Histogram()
+    if None in firsts or None in lasts:
+        return held, None, None
+    start, end = max(firsts) + STEADY_SETTLE_S, min(lasts) - STEADY_SETTLE_S / 2
+    for result in results:
+        slot_s = result["slot_s"]
+        for slot, counts in result["gap_slots"].items():
+            if int(slot) * slot_s >= start and (int(slot) + 1) * slot_s <= end:
+                held.merge(Histogram.from_json(counts))
+    return held, round(start, 2), round(end, 2)
+
+
 def stream_step(target: Target, streams: int, settings: Settings, answer_s: float,
                 hook: Callable[[int, float], None] | None = None) -> StreamStep:
     stagger_s = max(1.0, streams / 1000)
     base = {"mode": "streams", "protocol": target.protocol, "url": target.url, "model": target.model,
-            "tokens": settings.tokens, "stagger_s": stagger_s, "answer_timeout_s": answer_s + 30,
-            "steady_from_s": stagger_s + STEADY_SETTLE_S, "steady_to_s": answer_s - STEADY_SETTLE_S / 2}
+            "tokens": settings.tokens, "stagger_s": stagger_s, "answer_timeout_s": answer_s + 30}
     background = wait_for_quiet(settings.quiet_wait_s, settings.quiet_below_cores)
     group = LoadGroup([{**base, "streams": share} for share in split(streams, settings.load_processes)])
     server = target.server
@@ -289,9 +308,7 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
     finally:
         group.close()
     merged = _merged(results)
-    steady = Histogram()
-    for result in results:
-        steady.merge(Histogram.from_json(result["steady_gaps"]))
+    steady, held_from, held_to = held_gaps(results)
     p99 = steady.percentile_ms(99)
     return StreamStep(
         streams=streams,
@@ -304,6 +321,8 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
         added_gap_p99_ms=None if p99 is None else p99 - NOMINAL_GAP_MS,
         whole_run_gap_p99_ms=merged["gap_p99_ms"],
         steady_gaps=steady.total,
+        held_from_s=held_from,
+        held_to_s=held_to,
         ttft_p50_ms=merged["ttft_p50_ms"],
         connect_p99_ms=merged["connect_p99_ms"],
         server_cpu_share=server_cpu / wall,

@@ -140,7 +140,9 @@ def start_fake(log_dir: Path, name: str, tokens: int, tps: float = 0.0) -> Servi
 
 
 def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: int = 1,
-                  extra_env: dict[str, str] | None = None) -> Service:
+                  extra_env: dict[str, str] | None = None, server: str = "uvicorn") -> Service:
+    """``chatgate serve`` (uvicorn); ``server="granian"`` runs the same app under granian
+    instead, for the comparison in RESULTS.md."""
     port = free_port()
     env = {
         **_base_env(),
@@ -152,6 +154,10 @@ def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: 
         **(extra_env or {}),
     }
     argv = [str(CHATGATE), "serve", "--host", HOST, "--port", str(port), "--workers", str(workers)]
+    if server == "granian":
+        argv = [str(CHATGATE.with_name("granian")), "--interface", "asgi", "--factory", "--loop", "uvloop",
+                "--host", HOST, "--port", str(port), "--workers", str(workers), "--log-level", "warning",
+                "--backlog", "4096", "chatgate.app:app_from_environment"]
     process, log_path = spawn(name, argv, env, log_dir)
     service = Service(name, process, f"http://{HOST}:{port}", log_path)
     try:
