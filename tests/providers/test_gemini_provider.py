@@ -4,14 +4,13 @@ models and check; its configuration; and one chat through a gateway configured f
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import httpx
 import pytest
+from upstream import collect, disconnected_at
 
 from chatgate.chat.agents import GENERAL_PROMPT
 from chatgate.config import load_settings
@@ -31,9 +30,8 @@ from chatgate.providers.base import (
 )
 from chatgate.providers.gemini import DEFAULT_MODEL, GeminiProvider, api_root
 from chatgate.testing.fake_llm import fake_reply
-from chatgate.testing.servers import FakeLLM, wait_until
+from chatgate.testing.servers import FakeLLM
 
-POLL_BOUND_S = 5.0
 STREAM_PATH = "/v1beta/models/gemini-test:streamGenerateContent"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},
@@ -48,12 +46,6 @@ HISTORY: list[Any] = [
 ]
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    client = new_session(connect_timeout_s=2, read_timeout_s=10)
-    yield client
-    await client.close()
-
 
 @pytest.fixture
 def provider(fake: FakeLLM, session: aiohttp.ClientSession) -> GeminiProvider:
@@ -64,18 +56,6 @@ def request(model: str = "gemini-test", messages: list[Any] = MESSAGES, **option
     return ProviderRequest(messages, model, GenerationOptions(**options))
 
 
-async def collect(provider: GeminiProvider, req: ProviderRequest, into: list[Chunk] | None = None) -> list[Chunk]:
-    chunks = [] if into is None else into
-    async for chunk in provider.stream(req):
-        chunks.append(chunk)
-    return chunks
-
-
-async def disconnected_at(fake: FakeLLM) -> float:
-    at: float = await asyncio.to_thread(
-        wait_until, lambda: fake.requests()[-1]["disconnected_at"], timeout=POLL_BOUND_S, what="upstream closed"
-    )
-    return at
 
 
 async def test_stream_yields_tokens_then_finish_and_usage(provider: GeminiProvider, fake: FakeLLM) -> None:

@@ -3,13 +3,13 @@ the error tree, early close, models and check; and OLLAMA_HOST normalisation."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+from upstream import collect, disconnected_at
 
 from chatgate.config import load_settings
 from chatgate.providers._http import new_session
@@ -25,21 +25,13 @@ from chatgate.providers.base import (
 )
 from chatgate.providers.ollama import OllamaProvider
 from chatgate.testing.fake_llm import fake_reply
-from chatgate.testing.servers import FakeLLM, wait_until
-
-POLL_BOUND_S = 5.0
+from chatgate.testing.servers import FakeLLM
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "say hello to me"},
 ]
 
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    client = new_session(connect_timeout_s=2, read_timeout_s=10)
-    yield client
-    await client.close()
 
 
 @pytest.fixture
@@ -51,20 +43,6 @@ def request(model: str = "fake-model", **options: Any) -> ProviderRequest:
     return ProviderRequest(MESSAGES, model, GenerationOptions(**options))
 
 
-async def disconnected_at(fake: FakeLLM) -> float:
-    """When the fake saw its last request's client go away. Polled from a thread, so
-    this loop stays free to actually close the socket meanwhile."""
-    at: float = await asyncio.to_thread(
-        wait_until, lambda: fake.requests()[-1]["disconnected_at"], timeout=POLL_BOUND_S, what="upstream closed"
-    )
-    return at
-
-
-async def collect(provider: OllamaProvider, req: ProviderRequest, into: list[Chunk] | None = None) -> list[Chunk]:
-    chunks = [] if into is None else into
-    async for chunk in provider.stream(req):
-        chunks.append(chunk)
-    return chunks
 
 
 async def test_stream_yields_tokens_then_finish_and_usage(provider: OllamaProvider, fake: FakeLLM) -> None:
