@@ -98,6 +98,7 @@ class Connection:
         self.following: dict[str, _Following] = {}
         self._ready: dict[str, _Following] = {}
         self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()
         self._outbox: deque[dict[str, Any]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
@@ -200,7 +201,7 @@ class Connection:
         self._ready[generation.id] = following
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -272,7 +273,7 @@ class Connection:
                     await self._asgi_send(self._outbox.popleft())
             if self._ready and not self._flush_scheduled:
                 self._flush_scheduled = True
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
         except TimeoutError:
             log.warning("client too slow; disconnecting", extra={"owner": self.peer.owner})
             self._broken = True

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -97,10 +97,11 @@ class Usage:
     completion_tokens: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
     """A piece of the answer. The last chunk of a stream has ``finish_reason`` set
-    (its ``text`` may be empty) and ``usage`` when the upstream reported it."""
+    (its ``text`` may be empty) and ``usage`` when the upstream reported it. A tuple
+    rather than a frozen dataclass: one is made per token, and a frozen dataclass's
+    ``__init__`` costs several times a tuple's."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
