@@ -146,7 +146,7 @@ class GeminiProvider:
         ) as body:
             reason: FinishReason | None = None
             usage: Usage | None = None
-            async for raw in body.lines:
+            async for raw in body.lines():
                 line = raw.strip()
                 if not line.startswith(b"data:"):
                     continue

@@ -66,7 +66,7 @@ class OllamaProvider:
             data=orjson.dumps(payload),
             headers=JSON_HEADERS,
         ) as body:
-            async for line in body.lines:
+            async for line in body.lines():
                 if not line.strip():
                     continue
                 data = orjson.loads(line)
