@@ -253,7 +253,7 @@ async def read_ws(session: aiohttp.ClientSession, job: Job, body: bytes, answer:
     url = urlsplit(job.url)
     loop = asyncio.get_running_loop()
     protocol = WsAnswer(url.netloc, url.path or "/", body, answer)
-    transport, _ = await loop.create_connection(lambda: protocol, url.hostname, url.port)
+    transport, _ = await loop.create_connection(lambda: protocol, url.hostname or "127.0.0.1", url.port or 80)
     try:
         await protocol.finished
     finally:

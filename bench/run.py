@@ -28,7 +28,15 @@ from typing import Any
 
 import hotspots
 import report
-from scenarios import Settings, Target, answers_cell, idle_websockets, stream_ramp
+from scenarios import (
+    TOKENS_PER_S,
+    Lane,
+    Settings,
+    Target,
+    answers_cell,
+    idle_websockets,
+    stream_ramp,
+)
 from servers import (
     CHATGATE,
     REPO,
@@ -38,6 +46,7 @@ from servers import (
     http_status,
     litellm_binary,
     raise_nofile_limit,
+    start_bare_relay,
     start_fake,
     start_gateway,
     start_litellm,
@@ -45,7 +54,9 @@ from servers import (
 
 BENCH = REPO / "bench"
 ALL_TARGETS = ("direct", "chat", "ws", "openai", "litellm")
-STREAM_COUNTS = (250, 500, 750, 1000, 1500, 2000, 3000, 4000, 5000, 6000)
+STREAM_COUNTS = (250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 4000, 5000, 6000)
+#: The extra-worker gateways and the bare relay start their ramps here; below it all hold.
+REFERENCE_FROM = 1000
 QUICK_STREAM_COUNTS = (250, 1000, 2000)
 ATTEMPT_KEYS = ("answers_per_s", "ttft_p50_ms", "gap_p99_ms", "server_cpu_share", "other_cores")
 
@@ -62,7 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the gateway app with this ASGI server (chatgate serve uses uvicorn)")
     parser.add_argument("--levels", default="1,50,200", help="concurrency levels, comma separated")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
-    parser.add_argument("--skip", default="", help="comma list of: idle, streams, granian")
+    parser.add_argument("--skip", default="", help="comma list of: idle, streams, relay, granian")
+    parser.add_argument("--stream-workers", help="comma list of gateway worker counts for the stream ramp, "
+                        "each its own lane (default 1,2; quick 1)")
     parser.add_argument("--idle-connections", type=int, help="idle WebSockets (default 5000, quick 1000)")
     parser.add_argument("--stream-counts", help="comma list of concurrent stream counts to try")
     parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50, or streams:COUNT - py-spy the server "
@@ -239,12 +252,12 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
     skip = set(args.skip.split(","))
     if {"idle", "streams"} <= skip:
         return
-    answer_s = 6.0 if args.quick else 15.0
-    stream_settings = Settings(load_processes=settings.load_processes, tokens=int(answer_s * 20),
+    answer_s = 6.0 if args.quick else 20.0
+    stream_settings = Settings(load_processes=settings.load_processes, tokens=int(answer_s * TOKENS_PER_S),
                                quiet_wait_s=settings.quiet_wait_s)
-    slow = start_fake(args.out / "logs", "fake-20tps", stream_settings.tokens, tps=20)
+    slow = start_fake(args.out / "logs", "fake-20tps", stream_settings.tokens, tps=TOKENS_PER_S)
     services.append(slow)
-    gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), args.workers,
+    gateway = start_gateway(args.out / "logs", "chatgate-streams", slow.url, store_url(args), 1,
                             gateway_env(args), args.server)
     services.append(gateway)
     ws_url = gateway.url.replace("http://", "ws://") + "/ws"
@@ -253,25 +266,38 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
         print(f"idle WebSockets: {count}", flush=True)
         results["idle_ws"] = idle_websockets(ws_url, ProcessTree(gateway.pid), count, settings.load_processes)
         print(f"  {results['idle_ws']['kib_per_connection']} KiB per connection", flush=True)
-    if "streams" not in skip:
-        counts = [int(x) for x in args.stream_counts.split(",")] if args.stream_counts else list(
-            QUICK_STREAM_COUNTS if args.quick else STREAM_COUNTS)
-        print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
-        via_gateway = Target("ws", "chatgate /ws", "ws", ws_url, ProcessTree(gateway.pid))
-        direct = Target("direct", "direct", "ollama", f"{slow.url}/api/chat", ProcessTree(slow.pid))
-        profilers: list[subprocess.Popen[bytes]] = []
+    if "streams" in skip:
+        return
+    counts = [int(x) for x in args.stream_counts.split(",")] if args.stream_counts else list(
+        QUICK_STREAM_COUNTS if args.quick else STREAM_COUNTS)
+    print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
+    lanes = [Lane(Target("ws", "chatgate /ws, 1 worker", "ws", ws_url, ProcessTree(gateway.pid)))]
+    for workers in (int(x) for x in args.stream_workers.split(",") if x and int(x) > 1):
+        more = start_gateway(args.out / "logs", f"chatgate-streams-{workers}w", slow.url, store_url(args),
+                             workers, gateway_env(args), args.server)
+        services.append(more)
+        url = more.url.replace("http://", "ws://") + "/ws"
+        lanes.append(Lane(Target(f"ws-{workers}w", f"chatgate /ws, {workers} workers", "ws", url,
+                                 ProcessTree(more.pid)), from_count=REFERENCE_FROM))
+    lanes.append(Lane(Target("direct", "direct NDJSON", "ollama", f"{slow.url}/api/chat", ProcessTree(slow.pid)),
+                      reference=True))
+    if "relay" not in skip:
+        relay = start_bare_relay(args.out / "logs", slow.url)
+        services.append(relay)
+        lanes.append(Lane(Target("relay", "bare relay /ws", "ws", relay.url.replace("http://", "ws://") + "/ws",
+                                 ProcessTree(relay.pid)), reference=True, from_count=REFERENCE_FROM))
+    profilers: list[subprocess.Popen[bytes]] = []
 
-        def profile_step(count: int, seconds: float) -> None:
-            if args.profile == f"streams:{count}" and not profilers:
-                profilers.extend(start_profilers(gateway, seconds, args.out, f"streams-{count}"))
+    def profile_step(key: str, count: int, seconds: float) -> None:
+        if key == "ws" and args.profile == f"streams:{count}" and not profilers:
+            profilers.extend(start_profilers(gateway, seconds, args.out, f"streams-{count}"))
 
-        results["streams"] = stream_ramp(via_gateway, direct, counts, stream_settings, answer_s, args.repeat,
-                                         profile_step)
-        for profiler in profilers:
-            profiler.wait(timeout=60)
-        if profilers:
-            name = args.profile.replace(":", "-")
-            (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
+    results["streams"] = stream_ramp(lanes, counts, stream_settings, answer_s, args.repeat, profile_step)
+    for profiler in profilers:
+        profiler.wait(timeout=60)
+    if profilers:
+        name = args.profile.replace(":", "-")
+        (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
 
 
 def gateway_env(args: argparse.Namespace) -> dict[str, str]:
@@ -294,6 +320,7 @@ def store_url(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out = (args.out or BENCH / "out" / ("quick" if args.quick else "")).resolve()
+    args.stream_workers = args.stream_workers or ("1" if args.quick else "1,2")
     args.out.mkdir(parents=True, exist_ok=True)
     raise_nofile_limit()
     settings = Settings(
@@ -308,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "uncommitted_changes": bool(git("status", "--porcelain", "--", "src")),
         "machine": machine(),
         "settings": {"warmup_s": settings.warmup_s, "duration_s": settings.duration_s, "store": args.store,
-                     "workers": args.workers, "server": args.server, "tokens": settings.tokens, "load_processes": settings.load_processes,
+                     "workers": args.workers, "stream_workers": args.stream_workers, "server": args.server, "tokens": settings.tokens, "load_processes": settings.load_processes,
                      "repeat": args.repeat, "quiet_wait_s": settings.quiet_wait_s,
                      "gateway_env": gateway_env(args)},
         "cells": [],

@@ -22,6 +22,9 @@ READY_S = 20.0
 GO_DELAY_S = 0.3
 NOMINAL_GAP_MS = 50.0  # 20 tokens/s
 GAP_BUDGET_MS = 50.0
+TOKENS_PER_S = 20
+#: The issue's goal for concurrent streams.
+GOAL_STREAMS = 2000
 MIN_COMPLETED = 0.99
 STEADY_SETTLE_S = 1.0
 
@@ -259,6 +262,11 @@ class StreamStep:
     machine_busy_cores: float
     background_cores_before: float
     error_samples: dict[str, int]
+    #: While every stream was held: the server's cores, its CPU per token relayed, and the
+    #: cores the whole machine was busy (near the core count, the machine is the limit).
+    held_server_cores: float | None = None
+    held_server_us_per_token: float | None = None
+    held_machine_busy_cores: float | None = None
 
     @property
     def passed(self) -> bool:
@@ -267,6 +275,40 @@ class StreamStep:
             and self.added_gap_p99_ms <= GAP_BUDGET_MS
             and self.completed >= MIN_COMPLETED * self.streams
         )
+
+
+class CpuTrace:
+    """Samples a process tree's CPU seconds and the machine's busy seconds every
+    ``interval_s`` on a thread, so the share of any window can be read afterwards."""
+
+    def __init__(self, server: ProcessTree | None, interval_s: float = 0.25) -> None:
+        self.server = server
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuTrace:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), self.server.cpu_s() if self.server else 0.0, machine_busy_s()))
+            if self._stop.wait(self.interval_s):
+                return
+
+    def cores(self, start: float, end: float) -> tuple[float, float] | None:
+        """(server, machine) cores busy between the samples nearest inside ``start``..``end``."""
+        inside = [s for s in self.samples if start <= s[0] <= end]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 4 * self.interval_s:
+            return None
+        (t0, server0, busy0), (t1, server1, busy1) = inside[0], inside[-1]
+        return (server1 - server0) / (t1 - t0), (busy1 - busy0) / (t1 - t0)
 
 
 def held_gaps(results: list[dict[str, Any]]) -> tuple[Histogram, float | None, float | None]:
@@ -297,19 +339,23 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
     server = target.server
     try:
         t0 = group.go()
-        server_cpu = server.cpu_s() if server else 0.0
-        busy = machine_busy_s()
-        if hook is not None:
-            hook(streams, stagger_s + answer_s)
-        results = [m["result"] for m in group.expect("result", stagger_s + answer_s + 60)]
-        wall = time.monotonic() - t0
-        server_cpu = (server.cpu_s() if server else 0.0) - server_cpu
-        busy = machine_busy_s() - busy
+        with CpuTrace(server) as trace:
+            server_cpu = server.cpu_s() if server else 0.0
+            busy = machine_busy_s()
+            if hook is not None:
+                hook(streams, stagger_s + answer_s)
+            results = [m["result"] for m in group.expect("result", stagger_s + answer_s + 60)]
+            wall = time.monotonic() - t0
+            server_cpu = (server.cpu_s() if server else 0.0) - server_cpu
+            busy = machine_busy_s() - busy
     finally:
         group.close()
     merged = _merged(results)
     steady, held_from, held_to = held_gaps(results)
     p99 = steady.percentile_ms(99)
+    held = None
+    if held_from is not None and held_to is not None and held_to > held_from:
+        held = trace.cores(t0 + held_from, t0 + held_to)
     return StreamStep(
         streams=streams,
         via=target.key,
@@ -330,47 +376,78 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
         machine_busy_cores=busy / wall,
         background_cores_before=background,
         error_samples=merged["error_samples"],
+        held_server_cores=None if held is None else round(held[0], 3),
+        held_server_us_per_token=None if held is None else round(held[0] / (streams * TOKENS_PER_S) * 1e6, 1),
+        held_machine_busy_cores=None if held is None else round(held[1], 3),
     )
 
 
-def stream_ramp(gateway: Target, direct: Target, counts: list[int], settings: Settings, answer_s: float,
-                attempts: int = 1, hook: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-    """Raise the number of concurrent streams until the gateway's added p99 gap is over budget.
+@dataclass
+class Lane:
+    """One server under the stream ramp. A gateway lane climbs until its first count over
+    budget; a reference lane (the direct upstream, the bare relay) also climbs past that,
+    up to ``GOAL_STREAMS`` and one count more, so the report can say what this machine
+    allows at the goal whatever the gateway reached."""
+
+    target: Target
+    reference: bool = False
+    from_count: int = 0
+    best: int = 0
+    stopped: bool = False
+
+
+def stream_ramp(lanes: list[Lane], counts: list[int], settings: Settings, answer_s: float,
+                attempts: int = 1, hook: Callable[[str, int, float], None] | None = None) -> dict[str, Any]:
+    """Raise the number of concurrent streams lane by lane until each is over budget.
     Gaps count while every stream is held: from 1 s after the last one started until the first
     one is due to end (the whole run's p99, connection storm included, is kept beside it).
-    A step over budget is tried up to ``attempts`` times and keeps its best try. ``hook(count,
-    seconds)`` is called as each step via the gateway begins (the profiler attaches there)."""
+    A gateway step over budget is tried up to ``attempts`` times and keeps its best try.
+    ``hook(key, count, seconds)`` is called as each step begins (the profiler attaches there)."""
     steps: list[StreamStep] = []
     failures: list[str] = []
-    best = 0
+    cap = min((c for c in counts if c > GOAL_STREAMS), default=max(counts))
     for count in counts:
-        try:
-            step = stream_step(gateway, count, settings, answer_s, hook)
-        except RuntimeError as exc:  # a load process that never reported: say so, keep what we have
-            failures.append(f"{count} streams via chatgate: {exc}")
-            break
-        for _ in range(attempts - 1):  # a step over budget gets another try: others share the machine
+        gateways_running = any(not lane.stopped for lane in lanes if not lane.reference)
+        for lane in lanes:
+            if lane.stopped or count < lane.from_count:
+                continue
+            if lane.reference and not gateways_running and count > cap:
+                lane.stopped = True
+                continue
+            step = _best_step(lane, count, settings, answer_s, 1 if lane.reference else attempts, hook, failures)
+            if step is None:
+                lane.stopped = True
+                continue
+            steps.append(step)
+            print(f"  streams {count:>5} via {lane.target.label}: held p99 gap {step.gap_p99_ms} ms, "
+                  f"{step.completed} ok, {step.held_server_cores} cores held "
+                  f"({step.held_server_us_per_token} us/token), machine {step.held_machine_busy_cores}", flush=True)
             if step.passed:
-                break
-            try:
-                retry = stream_step(gateway, count, settings, answer_s)
-            except RuntimeError as exc:
-                failures.append(f"{count} streams via chatgate (retry): {exc}")
-                break
-            step = retry if (retry.added_gap_p99_ms or 1e9) < (step.added_gap_p99_ms or 1e9) else step
-        steps.append(step)
-        try:
-            reference = stream_step(direct, count, settings, answer_s)
-        except RuntimeError as exc:
-            failures.append(f"{count} streams direct: {exc}")
+                lane.best = count
+            else:
+                lane.stopped = True
+        if all(lane.stopped for lane in lanes):
             break
-        steps.append(reference)
-        print(f"  streams {count:>5}: held p99 gap via chatgate {step.gap_p99_ms} ms ({step.completed} ok, "
-              f"{step.server_cpu_share:.2f} cores), direct {reference.gap_p99_ms} ms ({reference.completed} ok)",
-              flush=True)
-        if not step.passed:
-            break
-        best = count
-    return {"max_streams_within_budget": best, "budget_ms": GAP_BUDGET_MS, "nominal_gap_ms": NOMINAL_GAP_MS,
+    return {"goal_streams": GOAL_STREAMS, "budget_ms": GAP_BUDGET_MS, "nominal_gap_ms": NOMINAL_GAP_MS,
             "answer_s": answer_s, "failures": failures,
+            "lanes": [{"via": lane.target.key, "label": lane.target.label, "reference": lane.reference,
+                       "max_streams_within_budget": lane.best} for lane in lanes],
             "steps": [asdict(s) | {"passed": s.passed} for s in steps]}
+
+
+def _best_step(lane: Lane, count: int, settings: Settings, answer_s: float, attempts: int,
+               hook: Callable[[str, int, float], None] | None, failures: list[str]) -> StreamStep | None:
+    """A step (the best of ``attempts`` tries when over budget), or None if a load process failed."""
+    best: StreamStep | None = None
+    for attempt in range(attempts):
+        try:
+            step = stream_step(lane.target, count, settings, answer_s,
+                               None if hook is None or attempt else lambda n, s: hook(lane.target.key, n, s))
+        except RuntimeError as exc:  # a load process that never reported: say so, keep what we have
+            failures.append(f"{count} streams via {lane.target.label}: {exc}")
+            return best
+        if best is None or (step.added_gap_p99_ms or 1e9) < (best.added_gap_p99_ms or 1e9):
+            best = step
+        if best.passed:
+            break
+    return best

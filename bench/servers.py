@@ -139,6 +139,18 @@ def start_fake(log_dir: Path, name: str, tokens: int, tps: float = 0.0) -> Servi
     return Service(name, process, match.group(1), log_path)
 
 
+def start_bare_relay(log_dir: Path, upstream: str) -> Service:
+    """bench/bare_relay.py over ``upstream``: the floor a Python relay sets on this machine."""
+    argv = [sys.executable, str(REPO / "bench" / "bare_relay.py"), "--upstream", upstream, "--host", HOST]
+    process, log_path = spawn("bare-relay", argv, _base_env(), log_dir)
+    try:
+        match = wait_for_log("bare-relay", process, log_path, r"bare relay listening on (http://\S+)", 20)
+    except BaseException:
+        Service("bare-relay", process, "", log_path).stop()
+        raise
+    return Service("bare-relay", process, match.group(1), log_path)
+
+
 def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: int = 1,
                   extra_env: dict[str, str] | None = None, server: str = "uvicorn") -> Service:
     """``chatgate serve`` (uvicorn); ``server="granian"`` runs the same app under granian
