@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stream-counts", help="comma list of concurrent stream counts to try")
     parser.add_argument("--profile", help="TARGET:LEVEL, e.g. chat:50, or streams:COUNT - py-spy the server "
                         "during that cell or stream step")
+    parser.add_argument("--native-profile", action="store_true", help="with --profile: C frames too "
+                        "(uvloop, libc); it pauses the server per sample, so figures from that cell are lower")
     parser.add_argument("--repeat", type=int, default=1, help="run each answers cell N times, keep the "
                         "one other processes disturbed least")
     parser.add_argument("--quiet-wait", type=float, help="seconds to wait before each cell for the "
@@ -124,13 +126,16 @@ def probe(target: Target) -> str:
     return "ok" if status == 200 else f"missing: {target.url.split('/', 3)[-1]} answered {status}"
 
 
-def start_profilers(service: Service, seconds: float, out: Path, name: str) -> list[subprocess.Popen[bytes]]:
-    """py-spy on the server for the cell: a flamegraph SVG and raw stacks for hotspots.summarise."""
+def start_profilers(service: Service, seconds: float, out: Path, name: str,
+                    native: bool = False) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the server for the cell: a flamegraph SVG and raw stacks for hotspots.summarise.
+    ``native`` adds C frames (uvloop, libc calls), pausing the server for each sample."""
     py_spy = Path(sys.executable).with_name("py-spy")
     if not py_spy.exists():
         print("  (py-spy is not installed in the venv: no profile)", flush=True)
         return []
-    common = [str(py_spy), "record", "--nonblocking", "--pid", str(service.pid), "-d", str(int(seconds))]
+    common = [str(py_spy), "record", "--native" if native else "--nonblocking", "--pid", str(service.pid),
+              "-d", str(int(seconds))]
     return [
         subprocess.Popen([*common, "-o", str(out / f"profile-{name}.svg")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
@@ -140,10 +145,10 @@ def start_profilers(service: Service, seconds: float, out: Path, name: str) -> l
 
 
 def attach_profilers(profilers: list[subprocess.Popen[bytes]], service: Service, seconds: float, out: Path,
-                     name: str) -> None:
+                     name: str, native: bool) -> None:
     """Profile the first attempt of a cell only."""
     if not profilers:
-        profilers.extend(start_profilers(service, seconds, out, name))
+        profilers.extend(start_profilers(service, seconds, out, name, native))
 
 
 def build_targets(args: argparse.Namespace, fake: Service, gateway: Service, litellm: Service | None,
@@ -183,7 +188,8 @@ def run_answers(args: argparse.Namespace, settings: Settings, fake: Service, gat
             hook = None
             if args.profile == f"{target.key}:{level}" and service is not None:
                 seconds = settings.warmup_s + settings.duration_s
-                hook = functools.partial(attach_profilers, profilers, service, seconds, args.out, name)
+                hook = functools.partial(attach_profilers, profilers, service, seconds, args.out, name,
+                                         args.native_profile)
             attempts = []
             for _ in range(args.repeat):
                 try:
@@ -290,7 +296,7 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
 
     def profile_step(key: str, count: int, seconds: float) -> None:
         if key == "ws" and args.profile == f"streams:{count}" and not profilers:
-            profilers.extend(start_profilers(gateway, seconds, args.out, f"streams-{count}"))
+            profilers.extend(start_profilers(gateway, seconds, args.out, f"streams-{count}", args.native_profile))
 
     results["streams"] = stream_ramp(lanes, counts, stream_settings, answer_s, args.repeat, profile_step)
     for profiler in profilers:
