@@ -98,7 +98,7 @@ class Connection:
         self.following: dict[str, _Following] = {}
         self._ready: dict[str, _Following] = {}
         self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()  # kept: each get_running_loop() calls getpid()
         self._outbox: deque[dict[str, Any]] = deque()
         self._drainer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None

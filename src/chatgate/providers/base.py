@@ -101,7 +101,7 @@ class Chunk(NamedTuple):
     """A piece of the answer. The last chunk of a stream has ``finish_reason`` set
     (its ``text`` may be empty) and ``usage`` when the upstream reported it. A tuple
     rather than a frozen dataclass: one is made per token, and a frozen dataclass's
-    ``__init__`` costs several times a tuple's."""
+    ``__init__`` costs about twice a tuple's."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
