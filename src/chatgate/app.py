@@ -8,6 +8,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from fastapi import FastAPI
@@ -36,6 +37,16 @@ HISTORY_BODY_FACTOR = 64
 #: that every open stream feels: 10,000 kept the p99 token gap of 2,000 streams at 67 ms
 #: where 50,000 gave 88 ms, at the same throughput (bench/RESULTS.md).
 GC_THRESHOLDS = (10_000, 20, 100)
+#: How uvicorn serves the app, for ``chatgate serve`` and the test servers alike: httptools,
+#: websockets' sans-I/O protocol, and no permessage-deflate, which would compress every
+#: few-byte token frame for nothing (and keep a compressor per socket).
+SERVER_OPTIONS: dict[str, Any] = {
+    "http": "httptools",
+    "ws": "websockets-sansio",
+    "ws_per_message_deflate": False,
+    "access_log": False,
+    "log_config": None,
+}
 
 
 @dataclass

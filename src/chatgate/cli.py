@@ -11,6 +11,7 @@ from collections.abc import Sequence
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from chatgate.app import SERVER_OPTIONS
     from chatgate.chat.agents import AgentFileError, load_agents
     from chatgate.config import ConfigError, load_settings
     from chatgate.observability import setup_logging
@@ -39,11 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        access_log=False,
-        log_config=None,
+        **SERVER_OPTIONS,
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
         backlog=4096,  # thousands of sockets may arrive at once; the kernel caps it at somaxconn

@@ -212,3 +212,12 @@ async def test_clearing_history_during_a_reply_does_not_bring_it_back(gw: Runnin
         assert next(f for f in frames if f["type"] == "done")["finish_reason"] == "cancelled"
     conversation = httpx.get(f"{gw.url}/conversations/conv-h")
     assert conversation.status_code == 404 or conversation.json()["messages"] == []
+
+
+async def test_permessage_deflate_is_not_negotiated_even_when_offered(gw: RunningGateway) -> None:
+    """Token frames are a few bytes: compressing each costs CPU and a compressor per socket."""
+    async with connect(gw.ws_url + "/ws", compression="deflate") as ws:
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+        await send(ws, {"type": "ping"})
+        assert (await recv(ws))["type"] == "pong"

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from chatgate.app import create_app
+from chatgate.app import SERVER_OPTIONS, create_app
 from chatgate.config import Settings, load_settings
 
 
@@ -123,11 +123,7 @@ def run_gateway(settings: Settings | None = None, **overrides: Any) -> Iterator[
     config = uvicorn.Config(
         app,
         loop="asyncio",
-        http="httptools",
-        ws="websockets-sansio",
-        ws_per_message_deflate=False,
-        log_config=None,
-        access_log=False,
+        **SERVER_OPTIONS,
         lifespan="on",
         timeout_graceful_shutdown=3,
     )
