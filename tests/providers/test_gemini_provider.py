@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import httpx
 import pytest
-from upstream import collect, disconnected_at
+from upstream import assert_ten_tokens_then_stop, collect, disconnected_at
 
 from chatgate.chat.agents import GENERAL_PROMPT
 from chatgate.config import load_settings
@@ -46,7 +46,6 @@ HISTORY: list[Any] = [
 ]
 
 
-
 @pytest.fixture
 def provider(fake: FakeLLM, session: aiohttp.ClientSession) -> GeminiProvider:
     return GeminiProvider(fake.url, "test-key", session, default_model="gemini-test")
@@ -56,18 +55,10 @@ def request(model: str = "gemini-test", messages: list[Any] = MESSAGES, **option
     return ProviderRequest(messages, model, GenerationOptions(**options))
 
 
-
-
 async def test_stream_yields_tokens_then_finish_and_usage(provider: GeminiProvider, fake: FakeLLM) -> None:
     fake.configure(tokens=10)
     chunks = await collect(provider, request())
-    *tokens, last = chunks
-    assert "".join(c.text for c in chunks) == fake_reply(10)
-    assert len(tokens) == 10 and all(c.text and c.finish_reason is None for c in tokens)
-    assert last.finish_reason == "stop"
-    assert last.usage is not None
-    assert last.usage.completion_tokens == 10
-    assert last.usage.prompt_tokens == 6  # words in MESSAGES, as the fake counts them
+    assert_ten_tokens_then_stop(chunks)
     record = fake.requests()[-1]
     assert record["path"] == STREAM_PATH
     assert record["body"] == {

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from upstream import collect, disconnected_at
+from upstream import assert_ten_tokens_then_stop, collect, disconnected_at
 
 from chatgate.providers._http import new_session
 from chatgate.providers.base import (
@@ -31,7 +31,6 @@ MESSAGES: list[Any] = [
 ]
 
 
-
 @pytest.fixture
 def provider(fake: FakeLLM, session: aiohttp.ClientSession) -> OpenAIProvider:
     return OpenAIProvider(fake.url, "sk-test", session, default_model="fake-model")
@@ -41,18 +40,10 @@ def request(model: str = "fake-model", **options: Any) -> ProviderRequest:
     return ProviderRequest(MESSAGES, model, GenerationOptions(**options))
 
 
-
-
 async def test_stream_yields_tokens_then_finish_and_usage(provider: OpenAIProvider, fake: FakeLLM) -> None:
     fake.configure(tokens=10)
     chunks = await collect(provider, request())
-    *tokens, last = chunks
-    assert "".join(c.text for c in chunks) == fake_reply(10)
-    assert len(tokens) == 10 and all(c.text and c.finish_reason is None for c in tokens)
-    assert last.finish_reason == "stop"
-    assert last.usage is not None
-    assert last.usage.completion_tokens == 10
-    assert last.usage.prompt_tokens == 6  # words in MESSAGES, as the fake counts them
+    assert_ten_tokens_then_stop(chunks)
     record = fake.requests()[-1]
     assert record["path"] == "/v1/chat/completions"
     body = record["body"]
