@@ -12,16 +12,30 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from chatgate import __version__
 from chatgate.api import compat
 from chatgate.api.http import ORJSONResponse
 from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.options import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    NUM_PREDICT_MIN,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TOP_P_MAX,
+    TOP_P_MIN,
+    OptionError,
+    parse_options,
+)
 from chatgate.providers.base import GenerationOptions, Message
 
 #: The Ollama release whose API these routes follow; clients gate features on it.
@@ -33,16 +47,32 @@ _MODIFIED_AT = datetime.now(UTC).isoformat()
 # Wire models -------------------------------------------------------------------------
 
 
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class Options(BaseModel):
-    """The options chatgate maps; Ollama's others are accepted and ignored."""
+    """The options chatgate maps; Ollama's others are accepted and ignored. This model
+    only describes them in the OpenAPI schema: :func:`chatgate.options.parse_options`
+    reads and checks them, with the same ranges (``num_predict`` -2, -1 and 0: no limit)."""
 
     model_config = ConfigDict(extra="allow")
-    temperature: float | None = Field(None, ge=0)
-    num_predict: int | None = Field(None, ge=-2, le=compat.INT32)
-    num_ctx: int | None = Field(None, ge=1, le=compat.INT32)
-    top_p: float | None = Field(None, ge=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-compat.INT64 - 1, le=compat.INT64)
+    temperature: float | None = Field(None, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX)
+    num_predict: int | None = Field(None, ge=NUM_PREDICT_MIN, le=INT32_MAX)
+    num_ctx: int | None = Field(None, ge=1, le=INT32_MAX)
+    top_p: float | None = Field(None, ge=TOP_P_MIN, le=TOP_P_MAX)
+    stop: (
+        Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+        | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+        | None
+    ) = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+
+
+#: A request's ``options``: validated as any object here, then by ``parse_options``.
+OptionsObject = Annotated[
+    dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [Options.model_json_schema(), {"type": "null"}]}),
+]
 
 
 class ChatMessage(BaseModel):
@@ -57,7 +87,7 @@ class ChatRequest(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = []
     stream: bool | None = None
-    options: Options | None = None
+    options: OptionsObject = None
     tools: list[Any] | None = Field(None, max_length=0)
 
 
@@ -67,7 +97,7 @@ class GenerateRequest(BaseModel):
     prompt: str = ""
     system: str | None = None
     stream: bool | None = None
-    options: Options | None = None
+    options: OptionsObject = None
     images: list[str] | None = Field(None, max_length=0)
 
 
@@ -221,26 +251,19 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
         raise compat.RequestError("images are not supported", param="images")
 
 
-def _options(options: Options | None) -> GenerationOptions:
-    if options is None:
-        return GenerationOptions()
-    stop = (options.stop,) if isinstance(options.stop, str) else tuple(options.stop or ())
-    return GenerationOptions(
-        temperature=options.temperature,
-        # Ollama's -1 (no limit) and -2 (fill the context) are chatgate's "unset".
-        max_tokens=options.num_predict if options.num_predict and options.num_predict > 0 else None,
-        num_ctx=options.num_ctx,
-        top_p=options.top_p,
-        stop=stop,
-        seed=options.seed,
-    )
+def _options(options: dict[str, Any] | None) -> GenerationOptions:
+    """Ollama's -1 (no limit) and -2 (fill the context) for ``num_predict`` are unset."""
+    try:
+        return parse_options(options)
+    except OptionError as exc:
+        raise compat.RequestError(exc.message, param=exc.field) from None
 
 
 async def _answer(
     request: Request,
     model: str,
     messages: list[Message],
-    options: Options | None,
+    options: GenerationOptions,
     stream: bool,
     content: Content,
 ) -> Response:
@@ -256,7 +279,7 @@ async def _answer(
         request,
         messages,
         model=model,
-        options=_options(options),
+        options=options,
         owner=owner,
         conversation_id=conversation_id,
     )
@@ -279,8 +302,9 @@ async def chat(request: Request) -> Response:
     _refuse_unsupported(data)
     body = compat.validate(ChatRequest, data)
     messages: list[Message] = [{"role": m.role, "content": m.content} for m in body.messages]
+    options = _options(body.options)
     return await _answer(
-        request, body.model, messages, body.options, body.stream is not False, _chat_content
+        request, body.model, messages, options, body.stream is not False, _chat_content
     )
 
 
@@ -292,8 +316,9 @@ async def generate(request: Request) -> Response:
     messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
     if body.prompt:
         messages.append({"role": "user", "content": body.prompt})
+    options = _options(body.options)
     return await _answer(
-        request, body.model, messages, body.options, body.stream is not False, _generate_content
+        request, body.model, messages, options, body.stream is not False, _generate_content
     )
 
 

@@ -9,15 +9,28 @@ failures come back in OpenAI's error shape (``{"error": {"message", "type", "par
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from chatgate.api import compat
 from chatgate.api.http import ORJSONResponse
 from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.options import (
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
+    TOP_P_MAX,
+    TOP_P_MIN,
+    OptionError,
+    parse_options,
+)
 from chatgate.providers.base import GenerationOptions, Message, Role
 
 # Wire models -------------------------------------------------------------------------
@@ -41,23 +54,45 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    """What chatgate reads of a chat completion request; other fields are accepted and
-    ignored. ``n`` above 1, tools and non-text content are refused."""
+    """What chatgate reads of a chat completion request besides its sampling fields;
+    other fields are accepted and ignored. ``n`` above 1, tools and non-text content are
+    refused."""
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
-    max_tokens: int | None = Field(None, ge=1, le=compat.INT32)
-    max_completion_tokens: int | None = Field(None, ge=1, le=compat.INT32)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-compat.INT64 - 1, le=compat.INT64)
     n: int | None = Field(None, ge=1, le=1)
     tools: list[Any] | None = Field(None, max_length=0)
     functions: list[Any] | None = Field(None, max_length=0)
+
+
+StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = (
+    Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+    | Annotated[list[StopSequence], Field(max_length=MAX_STOP_SEQUENCES)]
+    | None
+)
+#: The request's sampling fields, read by :func:`parse_options` rather than the model.
+SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
+
+
+class SamplingFields(BaseModel):
+    """The sampling fields, as the OpenAPI description shows them; they are checked by
+    :func:`chatgate.options.parse_options`, with the same ranges."""
+
+    temperature: float | None = Field(None, ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX)
+    top_p: float | None = Field(None, ge=TOP_P_MIN, le=TOP_P_MAX)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    stop: Stop = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+
+
+class CompletionRequestBody(CompletionRequest, SamplingFields):
+    """A chat completion request: what chatgate reads of it; other fields are accepted
+    and ignored. ``n`` above 1, tools and non-text content are refused."""
 
 
 class ErrorDetail(BaseModel):
@@ -173,15 +208,12 @@ def _messages(body: CompletionRequest) -> list[Message]:
     return messages
 
 
-def _options(body: CompletionRequest) -> GenerationOptions:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return GenerationOptions(
-        temperature=body.temperature,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        top_p=body.top_p,
-        stop=stop,
-        seed=body.seed,
-    )
+def _options(data: dict[str, Any]) -> GenerationOptions:
+    """The body's sampling fields; ``max_completion_tokens`` wins over ``max_tokens``."""
+    try:
+        return parse_options({name: data.get(name) for name in SAMPLING_FIELDS}, where="")
+    except OptionError as exc:
+        raise compat.RequestError(exc.message, param=exc.field) from None
 
 
 def _finish_reason(done: DoneEvent) -> str:
@@ -248,7 +280,7 @@ class ChunkEncoder:
 
 @router.post(
     "/v1/chat/completions",
-    openapi_extra=compat.openapi_body(CompletionRequest),
+    openapi_extra=compat.openapi_body(CompletionRequestBody),
     responses={
         **ERRORS,
         200: {
@@ -270,12 +302,14 @@ async def chat_completions(request: Request) -> Response:
     owner = gateway.auth.identify(request)
     data = compat.read_json_object(await request.body())
     _refuse_unsupported(data)
-    body = compat.validate(CompletionRequest, data)
+    body = compat.validate(
+        CompletionRequest, {k: v for k, v in data.items() if k not in SAMPLING_FIELDS}
+    )
     turn = compat.make_turn(
         request,
         _messages(body),
         model=body.model,
-        options=_options(body),
+        options=_options(data),
         owner=owner,
         conversation_id=compat.conversation_id_of(request),
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chatgate.chat.events import ChatError
+from chatgate.options import OptionError, parse_options
 from chatgate.providers.base import GenerationOptions
 
 GENERAL_PROMPT = (
@@ -74,9 +75,9 @@ def load_agent_file(path: Path) -> Agent:
     if not isinstance(prompt, str) or not prompt.strip():
         raise AgentFileError(f"agent file {path.name}: system_prompt is missing")
     try:
-        options = GenerationOptions.from_mapping(data.get("options"))
-    except (TypeError, ValueError) as exc:
-        raise AgentFileError(f"agent file {path.name}: bad options: {exc}") from exc
+        options = parse_options(data.get("options"))
+    except OptionError as exc:
+        raise AgentFileError(f"agent file {path.name}: {exc}") from exc
     return Agent(
         name=str(data.get("name") or path.stem),
         system_prompt=prompt.strip(),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, NamedTuple, Protocol, TypedDict, runtime_checkable
+from typing import ClassVar, Literal, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length", "cancelled", "error"]
@@ -33,7 +33,8 @@ class Message(TypedDict):
 
 @dataclass(frozen=True, slots=True)
 class GenerationOptions:
-    """Sampling options, named once here; each adapter maps them to its wire names."""
+    """Sampling options, named once here; each adapter maps them to its wire names. A
+    client's options are read and range-checked by :func:`chatgate.options.parse_options`."""
 
     temperature: float | None = None
     max_tokens: int | None = None
@@ -53,35 +54,6 @@ class GenerationOptions:
             for name in self.__dataclass_fields__
         }
         return GenerationOptions(**values)
-
-    @classmethod
-    def from_mapping(cls, data: dict[str, Any] | None) -> GenerationOptions:
-        """Read client-supplied options, accepting Ollama's and OpenAI's names."""
-        if not data:
-            return cls()
-
-        def number(*names: str) -> Any:
-            for name in names:
-                if data.get(name) is not None:
-                    return data[name]
-            return None
-
-        stop = data.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        temperature = number("temperature")
-        max_tokens = number("max_tokens", "num_predict", "max_completion_tokens")
-        num_ctx = number("num_ctx")
-        top_p = number("top_p")
-        seed = number("seed")
-        return cls(
-            temperature=float(temperature) if temperature is not None else None,
-            max_tokens=int(max_tokens) if max_tokens is not None else None,
-            num_ctx=int(num_ctx) if num_ctx is not None else None,
-            top_p=float(top_p) if top_p is not None else None,
-            stop=tuple(str(s) for s in stop),
-            seed=int(seed) if seed is not None else None,
-        )
 
 
 @dataclass(frozen=True, slots=True)
