@@ -15,6 +15,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from chatgate.api.auth import owner_of
+from chatgate.chat.service import conversation_key
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import RunningGateway
 
@@ -72,11 +74,13 @@ def test_conversations_are_private_to_their_key(authed: RunningGateway) -> None:
     assert httpx.get(f"{authed.url}/conversations", headers=K2).json() == {"conversations": []}
     assert httpx.delete(f"{authed.url}/conversations/{conversation_id}", headers=K2).status_code == 404
 
-    stolen = chat(authed, K2, message="let me in", conversation_id=conversation_id)
-    assert stolen.status_code == 403
-    assert stolen.json()["code"] == "forbidden"
+    # The same id under another key is another conversation: k2 writes only into its own.
+    same_id = chat(authed, K2, message="let me in", conversation_id=conversation_id)
+    assert same_id.status_code == 200
     messages = httpx.get(f"{authed.url}/conversations/{conversation_id}", headers=K1).json()["messages"]
     assert [m["content"] for m in messages] == ["mine only", fake_reply(40)]
+    theirs = httpx.get(f"{authed.url}/conversations/{conversation_id}", headers=K2).json()["messages"]
+    assert [m["content"] for m in theirs] == ["let me in", fake_reply(40)]
 
     follow_up = chat(authed, K1, message="still mine", conversation_id=conversation_id)
     assert follow_up.status_code == 200
@@ -108,7 +112,8 @@ async def test_memory_store_records_a_digest_not_the_key(start_gateway: Any) -> 
     key = "k1-very-secret-key-value"
     with start_gateway(api_keys=f"{key},k2") as gw:
         conversation_id = chat(gw, {"Authorization": f"Bearer {key}"}, message="hello").json()["conversation_id"]
-        conversation = await gw.gateway.store.get(conversation_id)
+        [info] = [i for i in await gw.gateway.store.list(owner_of(key)) if i.id.endswith(conversation_id)]
+        conversation = await gw.gateway.store.get(info.id)
     owner = conversation.info.owner
     assert owner is not None and re.fullmatch(r"[0-9a-f]{16,}", owner)
     assert key not in owner
@@ -123,7 +128,9 @@ def test_sqlite_store_never_contains_the_key(start_gateway: Any, tmp_path: Path)
         conversation_id = chat(gw, headers, message="hello").json()["conversation_id"]
         assert httpx.get(f"{gw.url}/conversations/{conversation_id}", headers=headers).status_code == 200
     with sqlite3.connect(path) as db:
-        [(owner,)] = db.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchall()
+        [(owner,)] = db.execute(
+            "SELECT owner FROM conversations WHERE id = ?", (conversation_key(owner_of(key), conversation_id),)
+        ).fetchall()
         rows = db.execute("SELECT * FROM conversations").fetchall() + db.execute("SELECT * FROM messages").fetchall()
     assert owner and key not in owner
     assert not any(key in str(value) for row in rows for value in row)

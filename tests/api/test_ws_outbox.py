@@ -111,8 +111,7 @@ async def test_a_slow_client_gets_everything_in_order_in_fewer_frames(
     client.say({"type": "chat", "id": "g1", "message": "hi"})
     await wait_until(lambda: client.deltas("g1"))
     client.reading.clear()  # the client stops reading for a while
-    generation = gateway.service.get("g1")
-    assert generation is not None
+    generation = next(g for g in gateway.service.generations() if g.id == "g1")
     await wait_until(lambda: generation.tokens >= 40)
     client.say({"type": "ping"})  # answered in order, after what was already waiting
     client.reading.set()
@@ -131,8 +130,7 @@ async def test_a_client_that_stops_reading_is_disconnected_and_its_answer_kept(
     fake.configure(tokens=150, tps=100)
     client.say({"type": "chat", "id": "g1", "conversation_id": "c-slow", "message": "hi"})
     await wait_until(lambda: client.deltas("g1"))
-    generation = gateway.service.get("g1")
-    assert generation is not None
+    generation = next(g for g in gateway.service.generations() if g.id == "g1")
     client.reading.clear()
     await wait_until(lambda: generation.orphan_timer is not None)  # given up: a new socket may resume it
     client.reading.set()  # the close frame was waiting behind the full buffer

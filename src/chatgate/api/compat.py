@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from chatgate.api.http import GenerationStream, _cancel_on_disconnect, _first_outcome
 from chatgate.chat.events import ChatError, DoneEvent, ErrorCode, Event
 from chatgate.chat.generation import Generation
-from chatgate.chat.service import Turn
+from chatgate.chat.service import CONVERSATION_ID, Turn
 from chatgate.providers.base import GenerationOptions, Message, ProviderError
 
 if TYPE_CHECKING:
@@ -175,6 +175,7 @@ def openapi_body(
                     "type": "string",
                     "minLength": 1,
                     "maxLength": MAX_CONVERSATION_ID_CHARS,
+                    "pattern": CONVERSATION_ID.pattern,
                 },
             }
         ],
@@ -188,9 +189,10 @@ def conversation_id_of(request: Request) -> str | None:
     value = request.headers.get(CONVERSATION_HEADER)
     if value is None:
         return None
-    if not value or len(value) > MAX_CONVERSATION_ID_CHARS:
+    if not CONVERSATION_ID.fullmatch(value):
         raise RequestError(
-            f"{CONVERSATION_HEADER} must be 1 to {MAX_CONVERSATION_ID_CHARS} characters",
+            f"{CONVERSATION_HEADER} must be 1 to {MAX_CONVERSATION_ID_CHARS} of the characters "
+            "A-Z a-z 0-9 . _ ~ -",
             param=CONVERSATION_HEADER,
         )
     return value

@@ -45,7 +45,7 @@ class ChatBody(BaseModel):
     message: str = Field(min_length=1, max_length=4000)
     agent: str = Field(default="general", max_length=128)
     stream: bool = False
-    conversation_id: str | None = Field(default=None, pattern=r"^[\x21-\x7e]{1,128}$")
+    conversation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._~-]{1,128}$")
 
 
 class ChatReply(BaseModel):
@@ -257,18 +257,14 @@ async def agents(request: Request) -> dict[str, Any]:
 @router.get("/conversations", responses=ERRORS)
 async def list_conversations(request: Request) -> dict[str, Any]:
     gateway = gateway_of(request)
-    owner = gateway.auth.identify(request)
-    infos = await gateway.store.list(owner)
+    infos = await gateway.service.conversations(gateway.auth.identify(request))
     return {"conversations": [_info(i) for i in infos]}
 
 
 @router.get("/conversations/{conversation_id}", responses=ERRORS)
 async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
     gateway = gateway_of(request)
-    owner = gateway.auth.identify(request)
-    conversation = await gateway.store.get(conversation_id)
-    if conversation is None or conversation.info.owner != owner:
-        raise ChatError("not_found", f"no conversation {conversation_id!r}", status=404)
+    conversation = await gateway.service.conversation(gateway.auth.identify(request), conversation_id)
     return {
         **_info(conversation.info),
         "messages": [
@@ -281,11 +277,7 @@ async def get_conversation(conversation_id: str, request: Request) -> dict[str, 
 @router.delete("/conversations/{conversation_id}", status_code=204, responses=ERRORS)
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     gateway = gateway_of(request)
-    owner = gateway.auth.identify(request)
-    info = await gateway.store.info(conversation_id)
-    if info is None or info.owner != owner:
-        raise ChatError("not_found", f"no conversation {conversation_id!r}", status=404)
-    await gateway.service.delete(conversation_id)
+    await gateway.service.delete(gateway.auth.identify(request), conversation_id)
     return Response(status_code=204)
 
 

@@ -36,17 +36,24 @@ class Generation:
     agent: str
     model: str
     owner: str | None = None
+    #: Where ``id`` is unique: the owner, or an anonymous caller's namespace.
+    namespace: str = ""
+    #: The conversation's key in the store (its id within the owner's namespace).
+    conversation_key: str = ""
     log: list[Event] = field(default_factory=list)
     finished: bool = False
     text_parts: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
+    #: The answer is being stored: too late to cancel.
+    ending: bool = False
     forgotten: bool = False
     limit_key: str = ""
     orphan_timer: asyncio.TimerHandle | None = None
     #: Tokens received, which may be more than deltas made.
     tokens: int = 0
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    _ended: asyncio.Event = field(default_factory=asyncio.Event)
     _listeners: list[Listener] = field(default_factory=list)
     _seq: int = 0
     #: How many log entries some subscriber has read; later ones may still change.
@@ -89,6 +96,11 @@ class Generation:
         self.finished = True
         self._append(event)
         self._listeners.clear()
+        self._ended.set()
+
+    async def wait_finished(self) -> None:
+        """Return once the generation has logged its ``done`` or ``error``."""
+        await self._ended.wait()
 
     def _append(self, event: Event) -> None:
         self.log.append(event)
@@ -105,7 +117,12 @@ class Generation:
 
     def cancel(self) -> None:
         """Stop now: the task's cancellation closes the upstream request."""
-        if self.task is not None and not self.task.done() and not self.cancel_requested:
+        if (
+            self.task is not None
+            and not self.task.done()
+            and not self.cancel_requested
+            and not self.ending
+        ):
             self.cancel_requested = True
             self.task.cancel()
 

@@ -8,6 +8,7 @@ marked partial when it was cancelled or broke off.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from chatgate import observability as obs
 from chatgate.chat.agents import Agent, AgentRegistry
-from chatgate.chat.events import ChatError, DoneEvent, error_event, provider_error_code
+from chatgate.chat.events import ChatError, DoneEvent, Event, error_event, provider_error_code
 from chatgate.chat.generation import Generation
 from chatgate.chat.limits import RateLimiter, StreamCounter
 from chatgate.providers.base import (
@@ -30,11 +31,23 @@ from chatgate.providers.base import (
     ProviderRequest,
     Usage,
 )
-from chatgate.store.base import ConversationStore, StoredMessage
+from chatgate.store.base import Conversation, ConversationInfo, ConversationStore, StoredMessage
 
 log = logging.getLogger("chatgate.chat")
-#: Conversation ids travel in headers (X-Conversation-Id) and URLs: printable ASCII only.
-CONVERSATION_ID = re.compile(r"[\x21-\x7e]{1,128}")
+#: Conversation ids travel in headers (X-Conversation-Id) and URL paths: URL-safe
+#: characters only, so every id a client can use can also be read back at /conversations/{id}.
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+CONVERSATION_ID_RULE = "conversation_id must be 1 to 128 of the characters A-Z a-z 0-9 . _ ~ -"
+#: The namespace of generation ids the server made for anonymous callers: unguessable
+#: uuids, findable from any connection (a reconnecting page resumes by them).
+ANONYMOUS = "~"
+
+
+def conversation_key(owner: str | None, conversation_id: str) -> str:
+    """Where a caller's conversation lives in the store: ids are scoped to their owner,
+    so another key's equal id is a different conversation. Conversation ids never hold
+    ``:``, so an owner's keys cannot meet an anonymous caller's."""
+    return conversation_id if owner is None else f"{owner}:{conversation_id}"
 
 
 @dataclass(slots=True)
@@ -47,12 +60,17 @@ class Turn:
     owner: str | None = None
     #: The peer address; limits apply to it when the caller is anonymous.
     client: str | None = None
+    #: The generation id the client (or its dialect) chose; the server makes one if absent.
     request_id: str | None = None
+    #: An anonymous caller's own namespace for the ids it chooses (one per connection).
+    scope: str | None = None
     #: The client's own history for this turn (stateless APIs); replaces the stored window.
     history: list[Message] | None = None
     #: Read and write server memory for this turn.
     remember: bool = True
     apply_agent_prompt: bool = True
+    #: Start the conversation afresh when it has been idle for longer than this (seconds).
+    idle_reset_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +93,13 @@ def build_messages(agent: Agent | None, history: list[Message], message: str) ->
 
 
 class ChatService:
+    """Starts turns and owns the generations running in this process.
+
+    Every path that reads, writes, clears, resumes or cancels a conversation or a
+    generation comes through here with the caller's owner, and a conversation or
+    generation of another owner is answered exactly as one that does not exist.
+    """
+
     def __init__(
         self,
         provider: Provider,
@@ -89,6 +114,7 @@ class ChatService:
         rate_limiter: RateLimiter | None = None,
         max_streams_per_client: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.provider = provider
         self.store = store
@@ -99,94 +125,193 @@ class ChatService:
         self.retry = retry or RetryPolicy()
         self.keep_finished_s = keep_finished_s
         self._clock = clock
+        self._wall_clock = wall_clock
         self._rate_limiter = rate_limiter
         self._streams = StreamCounter(max_streams_per_client)
-        self._generations: dict[str, Generation] = {}
+        #: Running and recently finished generations by (namespace, id).
+        self._generations: dict[tuple[str, str], Generation] = {}
+        #: Anonymous generations with client-chosen ids whose socket dropped, by id.
+        self._orphans: dict[str, Generation] = {}
+        #: The running generation of each conversation, by conversation key.
         self._by_conversation: dict[str, Generation] = {}
 
-    def get(self, generation_id: str) -> Generation | None:
-        return self._generations.get(generation_id)
+    # Generations -----------------------------------------------------------------------
 
-    def active(self, conversation_id: str) -> Generation | None:
-        return self._by_conversation.get(conversation_id)
+    def generations(self) -> list[Generation]:
+        """Every running or recently finished generation of this process."""
+        return list(self._generations.values())
 
-    async def start(self, turn: Turn) -> Generation:
-        """Validate the turn, load its history and start generating; the returned
-        generation's log already holds the ``start`` event."""
-        agent = self.agents.get(turn.agent)
-        limit_key = turn.owner or turn.client or "anonymous"
-        if self._rate_limiter is not None:
-            self._rate_limiter.acquire(limit_key)
-        conversation_id = turn.conversation_id or uuid.uuid4().hex
-        if not CONVERSATION_ID.fullmatch(conversation_id):
-            raise ChatError(
-                "bad_request", "conversation_id must be 1 to 128 printable ASCII characters without spaces"
+    def find(self, owner: str | None, generation_id: str, *, scope: str | None = None) -> Generation:
+        """The caller's generation ``generation_id``; ``not_found`` for anyone else's.
+
+        An anonymous caller finds what it started on this connection (``scope``), any
+        generation whose id the server made, and generations with ids of its choosing
+        that lost their socket (that is how it resumes after reconnecting)."""
+        if owner is not None:
+            found = self._generations.get((owner, generation_id))
+        else:
+            found = (
+                (self._generations.get((_scoped(scope), generation_id)) if scope else None)
+                or self._generations.get((ANONYMOUS, generation_id))
+                or self._orphans.get(generation_id)
             )
-        if conversation_id in self._by_conversation:
-            raise ChatError(
-                "busy", "a generation is already running in this conversation", status=409, retryable=True
-            )
-        remember = self.memory_enabled and turn.remember
-        history: list[Message] = []
-        if turn.history is not None:
-            history = turn.history
-        elif remember:
-            info = await self.store.info(conversation_id)
-            if info is not None and info.owner != turn.owner:
-                raise ChatError("forbidden", "this conversation belongs to another client", status=403)
-            window = await self.store.window(conversation_id, self.max_turns)
-            history = [{"role": m.role, "content": m.content} for m in window]
-        model = turn.model or agent.model or self.provider.default_model
-        options = agent.options.merged(turn.options)
-        request = ProviderRequest(
-            build_messages(agent if turn.apply_agent_prompt else None, history, turn.message), model, options
-        )
-        generation = Generation(
-            id=turn.request_id or uuid.uuid4().hex,
-            conversation_id=conversation_id,
-            agent=agent.name,
-            model=model,
-            owner=turn.owner,
-        )
-        if conversation_id in self._by_conversation:  # raced while loading history
-            raise ChatError("busy", "a generation is already running in this conversation", status=409, retryable=True)
-        self._streams.acquire(limit_key)
-        generation.limit_key = limit_key
-        generation.emit(generation.start_event())
-        self._generations[generation.id] = generation
-        self._by_conversation[conversation_id] = generation
-        generation.task = asyncio.create_task(
-            self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
-        )
-        return generation
+        if found is None:
+            raise ChatError("not_found", f"no generation {generation_id!r}", status=404)
+        return found
 
     def orphan(self, generation: Generation, grace_s: float) -> None:
         """Its socket dropped: keep generating for ``grace_s`` so it can be resumed."""
         if generation.finished:
             return
         self.adopt(generation)
+        if generation.owner is None and generation.namespace != ANONYMOUS:
+            self._orphans[generation.id] = generation
         loop = asyncio.get_running_loop()
         generation.orphan_timer = loop.call_later(grace_s, generation.cancel)
 
-    def adopt(self, generation: Generation) -> None:
+    def adopt(self, generation: Generation, scope: str | None = None) -> None:
+        """A socket follows ``generation`` again; an anonymous caller's client-chosen id
+        moves into that socket's namespace."""
         if generation.orphan_timer is not None:
             generation.orphan_timer.cancel()
             generation.orphan_timer = None
+        if self._orphans.get(generation.id) is generation:
+            del self._orphans[generation.id]
+            if scope is not None:
+                self._rekey(generation, _scoped(scope))
 
-    async def clear_history(self, conversation_id: str, owner: str | None) -> None:
-        info = await self.store.info(conversation_id)
-        if info is not None and info.owner != owner:
-            raise ChatError("forbidden", "this conversation belongs to another client", status=403)
-        self._stop_remembering(conversation_id)
-        await self.store.clear(conversation_id)
+    def _rekey(self, generation: Generation, namespace: str) -> None:
+        if self._generations.get((generation.namespace, generation.id)) is generation:
+            del self._generations[(generation.namespace, generation.id)]
+        generation.namespace = namespace
+        self._generations[(namespace, generation.id)] = generation
 
-    async def delete(self, conversation_id: str) -> bool:
-        self._stop_remembering(conversation_id)
-        return await self.store.delete(conversation_id)
+    def _forget(self, generation: Generation) -> None:
+        if self._generations.get((generation.namespace, generation.id)) is generation:
+            del self._generations[(generation.namespace, generation.id)]
+        if self._orphans.get(generation.id) is generation:
+            del self._orphans[generation.id]
 
-    def _stop_remembering(self, conversation_id: str) -> None:
+    # Turns -----------------------------------------------------------------------------
+
+    async def start(self, turn: Turn, *, wait: bool = False) -> Generation:
+        """Validate the turn, load its history and start generating; the returned
+        generation's log already holds the ``start`` event.
+
+        A conversation answers one turn at a time: while one runs, another turn is
+        refused as ``busy``, or with ``wait`` waits for it to end (the seed dialects,
+        whose clients sent their next message whenever they liked)."""
+        agent = self.agents.get(turn.agent)
+        limit_key = turn.owner or turn.client or "anonymous"
+        if self._rate_limiter is not None:
+            self._rate_limiter.acquire(limit_key)
+        conversation_id = turn.conversation_id or uuid.uuid4().hex
+        if not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ChatError("bad_request", CONVERSATION_ID_RULE)
+        key = conversation_key(turn.owner, conversation_id)
+        if turn.request_id is None:
+            generation_id, namespace = uuid.uuid4().hex, turn.owner or ANONYMOUS
+        else:
+            generation_id = turn.request_id
+            namespace = turn.owner or (_scoped(turn.scope) if turn.scope else ANONYMOUS)
+        remember = self.memory_enabled and turn.remember
+        while True:
+            await self._wait_for_conversation(key, wait=wait)
+            self._refuse_running_id(namespace, generation_id)
+            history = await self._history(turn, key, remember)
+            if key not in self._by_conversation:  # nobody started one while we read
+                break
+        self._refuse_running_id(namespace, generation_id)
+        model = turn.model or agent.model or self.provider.default_model
+        options = agent.options.merged(turn.options)
+        request = ProviderRequest(
+            build_messages(agent if turn.apply_agent_prompt else None, history, turn.message), model, options
+        )
+        generation = Generation(
+            id=generation_id,
+            conversation_id=conversation_id,
+            agent=agent.name,
+            model=model,
+            owner=turn.owner,
+            namespace=namespace,
+            conversation_key=key,
+        )
+        self._streams.acquire(limit_key)
+        generation.limit_key = limit_key
+        generation.emit(generation.start_event())
+        self._generations[(namespace, generation_id)] = generation
+        self._by_conversation[key] = generation
+        generation.task = asyncio.create_task(
+            self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
+        )
+        return generation
+
+    async def _wait_for_conversation(self, key: str, *, wait: bool) -> None:
+        while (running := self._by_conversation.get(key)) is not None:
+            if not wait:
+                raise ChatError(
+                    "busy", "a generation is already running in this conversation", status=409, retryable=True
+                )
+            if running.orphan_timer is not None:
+                # Nobody follows it (its socket dropped) and this client moved on: stop it
+                # now rather than at the end of the resume grace; its partial answer is kept.
+                running.cancel()
+            await running.wait_finished()
+
+    def _refuse_running_id(self, namespace: str, generation_id: str) -> None:
+        running = self._generations.get((namespace, generation_id))
+        if running is not None and not running.finished:
+            raise ChatError("bad_request", f"a generation with id {generation_id!r} is already running")
+
+    async def _history(self, turn: Turn, key: str, remember: bool) -> list[Message]:
+        if turn.history is not None:
+            return turn.history  # the client's own conversation (stateless APIs)
+        if not remember:
+            return []
+        if turn.idle_reset_s is not None:
+            info = await self.store.info(key)
+            if info is not None and self._wall_clock() - info.updated_at > turn.idle_reset_s:
+                await self.store.clear(key)
+                return []
+        window = await self.store.window(key, self.max_turns)
+        return [{"role": m.role, "content": m.content} for m in window]
+
+    # Conversations ---------------------------------------------------------------------
+
+    async def conversations(self, owner: str | None, *, limit: int = 100) -> list[ConversationInfo]:
+        infos = await self.store.list(owner, limit=limit)
+        return [_as_seen_by(owner, info) for info in infos]
+
+    async def conversation(self, owner: str | None, conversation_id: str) -> Conversation:
+        found = None
+        if CONVERSATION_ID.fullmatch(conversation_id):
+            found = await self.store.get(conversation_key(owner, conversation_id))
+        if found is None or found.info.owner != owner:
+            raise _no_conversation(conversation_id)
+        return Conversation(_as_seen_by(owner, found.info), found.messages)
+
+    async def clear_history(self, owner: str | None, conversation_id: str) -> None:
+        """Forget the conversation's messages; clearing one that does not exist (or is
+        another owner's) is not an error, as for a conversation never written."""
+        if not CONVERSATION_ID.fullmatch(conversation_id):
+            raise ChatError("bad_request", CONVERSATION_ID_RULE)
+        key = conversation_key(owner, conversation_id)
+        self._stop_remembering(key)  # the key is the caller's own: a running reply is theirs
+        info = await self.store.info(key)
+        if info is not None and info.owner == owner:
+            await self.store.clear(key)
+
+    async def delete(self, owner: str | None, conversation_id: str) -> None:
+        key = conversation_key(owner, conversation_id)
+        info = await self.store.info(key) if CONVERSATION_ID.fullmatch(conversation_id) else None
+        if info is None or info.owner != owner:
+            raise _no_conversation(conversation_id)
+        self._stop_remembering(key)
+        await self.store.delete(key)
+
+    def _stop_remembering(self, key: str) -> None:
         """A running reply must not write back into history the user just erased."""
-        active = self._by_conversation.get(conversation_id)
+        active = self._by_conversation.get(key)
         if active is not None:
             active.forgotten = True
             active.cancel()
@@ -198,11 +323,17 @@ class ChatService:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # One generation --------------------------------------------------------------------
+
     async def _run(self, generation: Generation, request: ProviderRequest, turn: Turn, remember: bool) -> None:
+        """Stream the answer, store the turn, and only then log ``done`` or ``error``: a
+        client that has seen the end may send its next turn at once, and that turn finds
+        the conversation free and this one in its history."""
         started = self._clock()
         first_token_at: float | None = None
         usage: Usage | None = None
         reason: FinishReason = "stop"
+        end: Event
         try:
             async for chunk in self._stream_with_fallback(generation, request):
                 if chunk.text:
@@ -216,6 +347,10 @@ class ChatService:
         except asyncio.CancelledError:
             reason = "cancelled"
             if not generation.cancel_requested:
+                # Not a client's cancel: the process is stopping. End the followers' wait.
+                self._release(generation)
+                generation.finish(error_event("internal", "the gateway is shutting down", id=generation.id,
+                                              retryable=True))
                 raise
         except ProviderError as exc:
             obs.GENERATIONS.labels(self.provider.name, "error").inc()
@@ -227,15 +362,13 @@ class ChatService:
             # After the first token the client may retry the whole turn; before it,
             # retryability is the upstream error's own.
             retryable = exc.retryable or generation.tokens > 0
-            generation.finish(
-                error_event(provider_error_code(exc), exc.message, id=generation.id, retryable=retryable)
-            )
-            await self._finish(generation, turn, remember, partial=True)
+            end = error_event(provider_error_code(exc), exc.message, id=generation.id, retryable=retryable)
+            await self._end(generation, turn, remember, end, partial=True)
             return
         except Exception as exc:
             log.exception("generation crashed", extra={"request_id": generation.id})
-            generation.finish(error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id))
-            await self._finish(generation, turn, remember, partial=True)
+            end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
+            await self._end(generation, turn, remember, end, partial=True)
             return
         ended = self._clock()
         obs.GENERATIONS.labels(self.provider.name, reason).inc()
@@ -251,8 +384,7 @@ class ChatService:
                 "total_ms": round((ended - started) * 1000, 3),
             },
         }
-        generation.finish(done)
-        await self._finish(generation, turn, remember, partial=reason == "cancelled")
+        await self._end(generation, turn, remember, done, partial=reason == "cancelled")
 
     async def _stream_with_fallback(
         self, generation: Generation, request: ProviderRequest
@@ -292,26 +424,52 @@ class ChatService:
         assert last_error is not None
         raise last_error
 
-    async def _finish(self, generation: Generation, turn: Turn, remember: bool, *, partial: bool) -> None:
+    async def _end(
+        self, generation: Generation, turn: Turn, remember: bool, end: Event, *, partial: bool
+    ) -> None:
+        generation.ending = True  # a cancel from now on would cut the write, not the answer
         try:
             if remember and not generation.forgotten:
                 await self._remember(generation, turn, partial=partial)
         except Exception:
             log.exception("could not store the answer", extra={"request_id": generation.id})
         finally:
-            self._streams.release(generation.limit_key)
-            self._by_conversation.pop(generation.conversation_id, None)
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.keep_finished_s, self._generations.pop, generation.id, None)
+            self._release(generation)
+            generation.finish(end)
+
+    def _release(self, generation: Generation) -> None:
+        """Free the conversation for its next turn; keep the log a while for resumes."""
+        if self._by_conversation.get(generation.conversation_key) is generation:
+            del self._by_conversation[generation.conversation_key]
+        self._streams.release(generation.limit_key)
+        if generation.orphan_timer is not None:
+            generation.orphan_timer.cancel()
+            generation.orphan_timer = None
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.keep_finished_s, self._forget, generation)
 
     async def _remember(self, generation: Generation, turn: Turn, *, partial: bool) -> None:
         now = time.time()
         text = generation.text
-        if generation.tokens == 0 and generation.log[-1]["type"] == "error":
+        if generation.tokens == 0 and partial and not generation.cancel_requested:
             return  # nothing was answered; the client will send the message again
         messages = [StoredMessage("user", turn.message, created_at=now)]
         if text or not partial:
             messages.append(StoredMessage("assistant", text, partial=partial, created_at=now))
         await self.store.append(
-            generation.conversation_id, messages, owner=turn.owner, agent=generation.agent
+            generation.conversation_key, messages, owner=turn.owner, agent=generation.agent
         )
+
+
+def _scoped(scope: str | None) -> str:
+    return f"{ANONYMOUS}{scope}"
+
+
+def _as_seen_by(owner: str | None, info: ConversationInfo) -> ConversationInfo:
+    """The conversation as its owner names it (without the store key's owner prefix)."""
+    prefix = f"{owner}:" if owner is not None else ""
+    return dataclasses.replace(info, id=info.id.removeprefix(prefix))
+
+
+def _no_conversation(conversation_id: str) -> ChatError:
+    return ChatError("not_found", f"no conversation {conversation_id!r}", status=404)

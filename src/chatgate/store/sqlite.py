@@ -59,8 +59,20 @@ async def _create_tables(db: aiosqlite.Connection) -> None:
     await db.execute("CREATE INDEX conversations_by_updated ON conversations(updated_at)")
 
 
+async def _scope_ids_to_owners(db: aiosqlite.Connection) -> None:
+    """Conversation ids became scoped to their owner: an owned conversation is stored
+    under ``owner:id`` (see ``chatgate.chat.service.conversation_key``)."""
+    await db.execute("PRAGMA defer_foreign_keys = ON")
+    await db.execute(
+        """UPDATE messages SET conversation_id = (
+            SELECT c.owner || ':' || c.id FROM conversations c WHERE c.id = messages.conversation_id)
+        WHERE conversation_id IN (SELECT id FROM conversations WHERE owner IS NOT NULL)"""
+    )
+    await db.execute("UPDATE conversations SET id = owner || ':' || id WHERE owner IS NOT NULL")
+
+
 #: Applied in order; ``PRAGMA user_version`` counts those already applied. Append only.
-MIGRATIONS: list[Migration] = [_create_tables]
+MIGRATIONS: list[Migration] = [_create_tables, _scope_ids_to_owners]
 
 _INFO_COLUMNS = """c.id, c.owner, c.agent, c.created_at, c.updated_at,
     (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), c.title"""
