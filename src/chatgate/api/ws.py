@@ -12,6 +12,12 @@ outbox, in order, drained by one task, and a client that takes longer than
 are not cancelled at once: they are orphaned for the resume grace period, so a client that
 reconnects can ``resume`` them, and cancelled when nobody does.
 
+The native protocol starts each turn as its frame arrives (a second turn in a busy
+conversation is refused as ``busy``). The seed dialects' clients were written for servers
+that read their next frame only once an answer had ended, so their turns (and
+``clear_history``) wait in a per-connection backlog of at most ``MAX_QUEUED_TURNS`` and are
+answered one after another, in order.
+
 Each path has a default dialect; ``?dialect=NAME`` on any of them picks another.
 
 The handshakes on these paths are answered by :class:`WebSocketRoutes`, an ASGI middleware
@@ -28,6 +34,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, assert_never
@@ -62,11 +69,14 @@ log = logging.getLogger("chatgate.ws")
 
 #: A client whose socket accepts no frame for this long is disconnected, not buffered.
 SEND_TIMEOUT_S = 10.0
+#: Seed dialects answer messages one after another: at most this many wait behind the
+#: one being answered; more are refused with an error frame in the dialect's shape.
+MAX_QUEUED_TURNS = 8
 #: Each path's dialect when the URL names none.
 PATH_DIALECTS: dict[str, DialectFactory] = {
     "/ws": dialect_named("native"),
     "/chat/ws": dialect_named("monty"),
-    "/ws/chat": first_frame("cs_agent", "monty"),
+    "/ws/chat": first_frame("cs_agent", "sequential", "monty"),
     "/ws/chat/{session_id}": dialect_named("workshop"),
 }
 
@@ -103,6 +113,9 @@ class Connection:
         self._drainer: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self._broken = False
+        #: Seed dialects' commands waiting for the answer before them to end, in order.
+        self._backlog: deque[Chat | ClearHistory] = deque()
+        self._turns: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         try:
@@ -148,15 +161,16 @@ class Connection:
 
     async def _execute(self, command: Command) -> None:
         match command:
+            case Chat() | ClearHistory() if self.dialect.one_at_a_time:
+                self._queue(command)
             case Chat(turn):
-                await self._chat(turn)
+                self._follow(await self._start(turn), after=None)
             case Cancel(generation_id):
                 self._own(generation_id).cancel()
             case Resume(generation_id, after):
                 self._resume(self._own(generation_id), after)
             case ClearHistory(conversation_id):
-                await self.gateway.service.clear_history(conversation_id, self.peer.owner)
-                await self.emit({"type": "history_cleared", "conversation_id": conversation_id})
+                await self._clear(conversation_id)
             case Ping():
                 await self.emit({"type": "pong"})
             case Reply(frames):
@@ -165,25 +179,68 @@ class Connection:
             case _:
                 assert_never(command)
 
-    async def _chat(self, turn: Turn) -> None:
-        if turn.request_id is not None and turn.request_id in self.following:
-            raise bad(f"a generation with id {turn.request_id!r} is already running on this socket")
+    async def _start(self, turn: Turn, *, wait: bool = False) -> Generation:
         limit = self.gateway.settings.max_message_bytes
         if len(turn.message) * 4 > limit and len(turn.message.encode()) > limit:
             # Frames may carry history besides the message (CS_Agent); the message has its own cap.
             raise ChatError("too_large", f"message larger than {limit} bytes")
-        turn = dataclasses.replace(turn, owner=self.peer.owner, client=self.peer.client)
-        generation = await self.gateway.service.start(turn)
+        turn = dataclasses.replace(turn, owner=self.peer.owner, client=self.peer.client, scope=self.peer.scope)
+        return await self.gateway.service.start(turn, wait=wait)
+
+    async def _clear(self, conversation_id: str) -> None:
+        await self.gateway.service.clear_history(self.peer.owner, conversation_id)
+        await self.emit({"type": "history_cleared", "conversation_id": conversation_id})
+
+    def _queue(self, command: Chat | ClearHistory) -> None:
+        """The seed systems read a client's next frame only after answering the one
+        before: a message sent during an answer is answered after it, in order."""
+        if len(self._backlog) > MAX_QUEUED_TURNS:  # the first one is being answered
+            raise ChatError(
+                "busy",
+                f"{MAX_QUEUED_TURNS} messages are already waiting for an answer; send this one later",
+                retryable=True,
+            )
+        self._backlog.append(command)
+        if self._turns is None:
+            self._turns = asyncio.create_task(self._answer_in_order())
+
+    async def _answer_in_order(self) -> None:
+        try:
+            while self._backlog and not self._broken:
+                try:
+                    await self._answer(self._backlog[0])
+                finally:
+                    if self._backlog:
+                        self._backlog.popleft()
+        except WebSocketDisconnect:
+            return
+        finally:
+            self._turns = None
+
+    async def _answer(self, command: Chat | ClearHistory) -> None:
+        """Carry out one queued command and return once its answer has ended."""
+        try:
+            if isinstance(command, ClearHistory):
+                await self._clear(command.conversation_id)
+                return
+            generation = await self._start(command.turn, wait=True)
+        except ChatError as exc:
+            await self.emit(exc.event(_request_id(command)))
+            return
+        except WebSocketDisconnect:
+            raise
+        except Exception:
+            log.exception("starting a turn failed", extra={"request_id": _request_id(command)})
+            await self.emit(error_event("internal", "internal error", id=_request_id(command)))
+            return
         self._follow(generation, after=None)
+        await generation.wait_finished()
 
     def _own(self, generation_id: str) -> Generation:
-        generation = self.gateway.service.get(generation_id)
-        if generation is None or generation.owner != self.peer.owner:
-            raise ChatError("not_found", f"no generation {generation_id!r}", status=404)
-        return generation
+        return self.gateway.service.find(self.peer.owner, generation_id, scope=self.peer.scope)
 
     def _resume(self, generation: Generation, after: int) -> None:
-        self.gateway.service.adopt(generation)
+        self.gateway.service.adopt(generation, self.peer.scope)
         self._follow(generation, after=after)  # also on the socket already following it: replay
 
     def _follow(self, generation: Generation, after: int | None) -> None:
@@ -307,8 +364,11 @@ class Connection:
     def _detach(self) -> None:
         self._broken = True
         self._outbox.clear()
+        self._backlog.clear()
         if self._drainer is not None:
             self._drainer.cancel()
+        if self._turns is not None:
+            self._turns.cancel()
         self._unfollow()
 
 
@@ -358,7 +418,12 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
         await websocket.send_text(orjson.dumps(exc.event()).decode())
         await websocket.close(code=1008, reason=exc.message[:120])
         return
-    peer = Peer(gateway, websocket.path_params, client=websocket.client.host if websocket.client else None)
+    peer = Peer(
+        gateway,
+        websocket.path_params,
+        client=websocket.client.host if websocket.client else None,
+        scope=uuid.uuid4().hex,
+    )
     connection = Connection(websocket, peer, factory(peer))
     limit = gateway.settings.max_connections
     if limit and gateway.websockets_open >= limit:

@@ -8,9 +8,9 @@ encodes each native event (``start``/``delta``/``done``/``error`` of a generatio
 It may keep per-connection state for that: a conversation id made per socket, the
 client's ``task_id`` of each request, the text accumulated so far.
 
-Everything else — starting turns, one pump per generation, the send lock and its timeout,
-cancel, resume, orphaning generations when the socket drops — is the connection's
-(:mod:`chatgate.api.ws`), written once for every dialect.
+Everything else — starting turns (one at a time, queued, for the seed dialects), sending
+and its timeout, cancel, resume, orphaning generations when the socket drops — is the
+connection's (:mod:`chatgate.api.ws`), written once for every dialect.
 
 Dialects register themselves by name with :func:`register_dialect`; ``?dialect=NAME`` on
 any WebSocket path picks one from the registry.
@@ -100,12 +100,17 @@ class Peer:
     #: Known once the connection is authenticated; ``None`` when auth is off.
     owner: str | None = None
     client: str | None = None
+    #: This connection's own namespace for the generation ids an anonymous client chooses.
+    scope: str | None = None
 
 
 class Dialect(ABC):
     """One connection's codec. Instances live as long as their socket."""
 
     name: ClassVar[str]
+    #: The client sends its next message whenever it likes, and the seed system it was
+    #: written for answered them one after another: queue them on the connection.
+    one_at_a_time: ClassVar[bool] = True
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer

@@ -18,7 +18,7 @@ dialect; a frame may be larger by the history it carries, as a stateless HTTP cl
 
 from __future__ import annotations
 
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 from chatgate.api.dialects.base import (
     Chat,
@@ -51,7 +51,7 @@ class CsAgentDialect(Dialect):
 
     @classmethod
     def claims(cls, frame: dict[str, Any]) -> bool:
-        return "messages" in frame or frame.get("type") in ("ping", "clear_history")
+        return "messages" in frame or frame.get("type") == "clear_history"
 
     def max_frame_bytes(self) -> int:
         return HISTORY_FRAME_FACTOR * self.peer.gateway.settings.max_message_bytes
@@ -97,9 +97,10 @@ def _messages(value: Any) -> list[Message]:
     for index, item in enumerate(value):
         role = item.get("role") if isinstance(item, dict) else None
         content = item.get("content") if isinstance(item, dict) else None
-        if role not in ROLES or not isinstance(content, str):
+        # A role that is not a string (a dict, a list) cannot even be looked up in ROLES.
+        if not isinstance(role, str) or role not in ROLES or not isinstance(content, str):
             raise bad(f"messages[{index}] must be {{role: system|user|assistant, content: string}}")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": cast(Role, role), "content": content})
     if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
         raise bad("the last message must be a non-empty user message")
     return messages

@@ -1,10 +1,12 @@
 """Paths that several seeds' clients share: the first frame's shape picks the dialect.
 
-``/ws/chat`` is both the Monty gateway's alias and CS_Agent's endpoint: a frame with
-``messages`` (or a ``ping``/``clear_history`` ``type``) is CS_Agent's, one with
-``message``, ``content`` or ``prompt`` is Monty's. Until a frame has decided, errors carry
-every candidate's fields at once (``{"type": "error", "error", "task_id", "event_type",
-"content"}``), so whichever client it is understands them.
+``/ws/chat`` is the Monty gateway's alias, CS_Agent's endpoint and where the
+sequential-thinking client connects: a frame with ``messages`` (or ``type``
+``clear_history``) is CS_Agent's, one with ``type`` ``message`` is the sequential client's,
+one with ``message``, ``content`` or ``prompt`` is Monty's. A ``ping`` decides nothing and
+is answered with CS_Agent's ``{"type": "pong"}``; until a frame has decided,
+errors carry every candidate's fields at once (``{"type": "error", "error",
+"task_id", "event_type", "content"}``), so whichever client it is understands them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from chatgate.api.dialects.base import (
     Frame,
     Outgoing,
     Peer,
+    Ping,
     bad,
     dialect_named,
 )
@@ -40,6 +43,8 @@ class FirstFrameDialect(Dialect):
 
     async def decode(self, frame: dict[str, Any]) -> Command:
         if self.chosen is None:
+            if frame.get("type") == "ping":
+                return Ping()  # every candidate has one
             self.chosen = next((c for c in self.candidates if c.claims(frame)), None)
             if self.chosen is None:
                 names = " or ".join(c.name for c in self.candidates)
@@ -49,6 +54,8 @@ class FirstFrameDialect(Dialect):
     def encode(self, event: Outgoing, generation: Generation | None) -> list[Frame]:
         if self.chosen is not None:
             return self.chosen.encode(event, generation)
+        if event["type"] == "pong":  # the shape of the first candidate that has one
+            return next((f for c in self.candidates if (f := c.encode(event, generation))), [])
         merged: dict[str, Any] = {}
         for candidate in reversed(self.candidates):
             for frame in candidate.encode(event, generation):

@@ -30,11 +30,15 @@ from chatgate.api.dialects.base import (
 from chatgate.chat.events import ChatError
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
-from chatgate.providers.base import GenerationOptions
+from chatgate.options import OptionError, parse_options
+
+#: How much of an unknown ``type`` an error repeats.
+MAX_SHOWN_CHARS = 64
 
 
 @register_dialect("native")
 class NativeDialect(Dialect):
+    one_at_a_time = False  # several conversations may stream at once; a second turn in one is busy
     def __init__(self, peer: Peer) -> None:
         super().__init__(peer)
         self._decoders: dict[str, Callable[[dict[str, Any]], Awaitable[Command]]] = {
@@ -48,9 +52,11 @@ class NativeDialect(Dialect):
     async def decode(self, frame: dict[str, Any]) -> Command:
         frame_id = frame.get("id") if isinstance(frame.get("id"), str) else None
         try:
-            decoder = self._decoders.get(frame.get("type"))  # type: ignore[arg-type]
+            kind = frame.get("type")
+            # Only a string may be looked up: a dict or a list is unhashable.
+            decoder = self._decoders.get(kind) if isinstance(kind, str) else None
             if decoder is None:
-                raise bad(f"unknown frame type {frame.get('type')!r}; expected one of {', '.join(self._decoders)}")
+                raise bad(f"unknown frame type {_shown(kind)}; expected one of {', '.join(self._decoders)}")
             return await decoder(frame)
         except ChatError as exc:
             return Reply([exc.event(frame_id)])
@@ -60,20 +66,17 @@ class NativeDialect(Dialect):
 
     async def _chat(self, frame: dict[str, Any]) -> Command:
         message = text_of(frame, "message")
-        options = frame.get("options")
-        if options is not None and not isinstance(options, dict):
-            raise bad("options must be an object")
         try:
-            parsed = GenerationOptions.from_mapping(options)
-        except (TypeError, ValueError) as exc:
-            raise bad(f"bad options: {exc}") from None
+            options = parse_options(frame.get("options"))
+        except OptionError as exc:
+            raise bad(str(exc)) from None
         return Chat(
             Turn(
                 message=message,
                 conversation_id=optional_str(frame, "conversation_id"),
                 agent=optional_str(frame, "agent"),
                 model=optional_str(frame, "model"),
-                options=parsed,
+                options=options,
                 request_id=optional_str(frame, "id"),
             )
         )
@@ -96,6 +99,16 @@ class NativeDialect(Dialect):
 
     async def _ping(self, frame: dict[str, Any]) -> Command:
         return Ping()
+
+
+def _shown(kind: Any) -> str:
+    """The client's ``type``, shortened: a frame may be as large as a message."""
+    if isinstance(kind, dict):
+        return "(an object)"
+    if isinstance(kind, list):
+        return "(a list)"
+    text = repr(kind)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[: MAX_SHOWN_CHARS - 1] + "…"
 
 
 def _required_id(frame: dict[str, Any]) -> str:

@@ -1,5 +1,4 @@
-"""The sequential-thinking integration's protocol (seed ``002``), chosen with
-``?dialect=sequential`` on any WebSocket path.
+"""The sequential-thinking integration's protocol (seed ``002``).
 
 Client: ``{"type": "message", "content": TEXT}`` or ``{"message": TEXT}``, each with an
 optional ``session_id``; ``{"type": "ping"}`` → ``{"type": "pong"}``.
@@ -18,15 +17,18 @@ Each message is answered with, in order: ``message_received`` → ``typing_start
 (``CHATGATE_FALLBACK_MODELS``) once it has taken over.
 
 Inactivity cleanup: a session idle for longer than ``CHATGATE_SEQUENTIAL_SESSION_TTL_S``
-(300 s, the seed's five minutes) starts afresh — its history is cleared before the next
-message's turn. The check is made when the session is used again, against the store's
-``updated_at``, so it holds across reconnects and worker processes; sessions nobody
-returns to are purged by the store's own expiry (``CHATGATE_SESSION_TTL_S``).
+(300 s, the seed's five minutes) starts afresh — the chat service clears its history
+before the next message's turn (``Turn.idle_reset_s``). The check is made when the session
+is used again, against the store's ``updated_at``, so it holds across reconnects and
+worker processes; sessions nobody returns to are purged by the store's own expiry
+(``CHATGATE_SESSION_TTL_S``).
+
+Selected with ``?dialect=sequential`` on any path, and on ``/ws/chat`` by its first
+frame's shape (``{"type": "message", …}``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +79,10 @@ class SequentialDialect(Dialect):
         self.session_id = peer.path_params.get("session_id") or new_id()
         self._replies: dict[str, _Reply] = {}
 
+    @classmethod
+    def claims(cls, frame: dict[str, Any]) -> bool:
+        return frame.get("type") == "message"
+
     async def decode(self, frame: dict[str, Any]) -> Command:
         kind = frame.get("type", "message")
         if kind == "ping":
@@ -86,18 +92,16 @@ class SequentialDialect(Dialect):
         message = text_of(frame, "content", "message")
         session_id = optional_str(frame, "session_id") or self.session_id
         self.session_id = session_id
-        await self._expire_if_idle(session_id)
         request_id = new_id()
         self._replies[request_id] = _Reply(session_id)
-        return Chat(Turn(message=message, conversation_id=session_id, request_id=request_id))
-
-    async def _expire_if_idle(self, session_id: str) -> None:
-        service = self.peer.gateway.service
-        info = await service.store.info(session_id)
-        if info is None or service.active(session_id) is not None:
-            return
-        if time.time() - info.updated_at > self.peer.gateway.settings.sequential_session_ttl_s:
-            await service.clear_history(session_id, self.peer.owner)
+        return Chat(
+            Turn(
+                message=message,
+                conversation_id=session_id,
+                request_id=request_id,
+                idle_reset_s=self.peer.gateway.settings.sequential_session_ttl_s,
+            )
+        )
 
     def encode(self, event: Outgoing, generation: Generation | None) -> list[Frame]:
         now = utc_timestamp()
