@@ -277,3 +277,79 @@ def test_settings_repr_hides_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(variable, secret_value)
     settings = load_settings()
     assert secret_value not in repr(settings) and secret_value not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("ollama", "http://ollama:11434"),
+        ("gpu-box:11435", "http://gpu-box:11435"),
+        ("0.0.0.0", "http://127.0.0.1:11434"),
+        ("http://:11434", "http://127.0.0.1:11434"),
+        ("[::]:8080", "http://[::1]:8080"),
+        ("http://ollama.lan", "http://ollama.lan"),
+        ("https://ollama.example.com/", "https://ollama.example.com"),
+        ("http://proxy.lan/ollama/", "http://proxy.lan/ollama"),
+        ("http://user:pw@gpu-box:11434", "http://user:pw@gpu-box:11434"),
+        ("  http://10.0.0.5:11434  ", "http://10.0.0.5:11434"),
+    ],
+)
+def test_ollama_host_is_read_as_ollama_reads_it(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", value)
+    assert load_settings().ollama_host == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not a url::",
+        "http://bad host:11434",
+        "ftp://ollama:21",
+        "http://[not-ipv6]:11434",
+        "http://ollama:port",
+        "ollama:0",
+        "ollama:70000",
+        "http://ollama:123456",
+        "http://ollama:11434?x=1",
+        "::1",
+    ],
+)
+@pytest.mark.parametrize("variable", ["OLLAMA_HOST", "OLLAMA_URL"])
+def test_unusable_ollama_address_names_its_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"{variable}: ")
+    assert "\n" not in message
+
+
+def test_unusable_ollama_address_given_as_an_override_is_refused_too() -> None:
+    with pytest.raises(ConfigError, match=r"^OLLAMA_HOST: .*http\(s\) URL"):
+        load_settings(ollama_host="not a url::")
+
+
+@pytest.mark.parametrize(
+    "configure",
+    ["OLLAMA_HOST", "OLLAMA_URL", "ollama_host", "dotenv", "override"],
+)
+def test_a_configured_ollama_address_is_known_as_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, configure: str
+) -> None:
+    """``auto`` tells a configured Ollama address from the default by ``model_fields_set``:
+    the environment (either name, any case), ``.env`` and overrides all put it there."""
+    assert "ollama_host" not in load_settings().model_fields_set
+    overrides: dict[str, Any] = {}
+    if configure == "dotenv":
+        (tmp_path / ".env").write_text("OLLAMA_URL=http://127.0.0.1:11434\n", encoding="utf-8")
+    elif configure == "override":
+        overrides["ollama_host"] = "http://127.0.0.1:11434"
+    else:
+        monkeypatch.setenv(configure, "http://127.0.0.1:11434")
+    settings = load_settings(**overrides)
+    assert "ollama_host" in settings.model_fields_set
+    assert settings.ollama_host == "http://127.0.0.1:11434"

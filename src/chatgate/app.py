@@ -120,8 +120,9 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
         if own_process:
             tune_gc()
         purger = asyncio.create_task(_purge_forever(gateway.store))
-        log.info(
-            "chatgate ready",
+        # "chatgate ready" comes from the server once its socket listens (chatgate.serve).
+        log.debug(
+            "gateway started",
             extra={"provider": gateway.provider.name, "model": gateway.provider.default_model,
                    "store": gateway.store.name},
         )

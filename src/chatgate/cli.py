@@ -15,6 +15,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chatgate.chat.agents import AgentFileError, load_agents
     from chatgate.config import ConfigError, load_settings
     from chatgate.observability import setup_logging
+    from chatgate.serve import bind, run, store_problem
 
     # Flags win: they become the primary variables, which is also how worker processes see them.
     for flag, variable in (("host", "CHATGATE_HOST"), ("port", "CHATGATE_PORT"), ("workers", "CHATGATE_WORKERS")):
@@ -23,17 +24,18 @@ def _serve(args: argparse.Namespace) -> int:
             os.environ[variable] = str(value)
     from chatgate.providers import configuration_problem
 
+    # Every start-up failure is one line on stderr and exit code 2, before uvicorn runs.
     try:
         settings = load_settings()
         load_agents(settings.agents_dir)
-        problem = configuration_problem(settings)
+        problem = configuration_problem(settings) or store_problem(settings)
         if problem:
             raise ConfigError(problem)
     except (ConfigError, AgentFileError) as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    uvicorn.run(
+    config = uvicorn.Config(
         "chatgate.app:app_from_environment",
         factory=True,
         host=settings.host,
@@ -45,7 +47,14 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
         backlog=4096,  # thousands of sockets may arrive at once; the kernel caps it at somaxconn
     )
-    return 0
+    # Bound here so that a port in use is one line; "chatgate ready" follows once it listens.
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        where = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"chatgate: cannot listen on {where}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    return run(config, sock)
 
 
 def _fake_llm(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import re
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -28,8 +29,23 @@ ProviderName = Literal["auto", "ollama", "openai", "gemini", "local"]
 _HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>\d+))?")
 #: A listen-on-everything address names this machine when used to connect.
 _WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
+#: What a URL's authority must be after normalising: a hostname or [IPv6], then :port.
+_URL_HOST_PORT = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?"
+)
+_NOT_AN_OLLAMA_URL = "expected an http(s) URL, host or host:port, e.g. http://127.0.0.1:11434"
 _RATE_UNITS = {"second": 1.0, "sec": 1.0, "s": 1.0, "minute": 60.0, "min": 60.0, "m": 60.0,
                "hour": 3600.0, "h": 3600.0, "day": 86400.0, "d": 86400.0}
+
+
+def _check_http_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is http(s) with a usable host and port (1-65535)."""
+    parts = urlsplit(url)
+    match = _URL_HOST_PORT.fullmatch(parts.netloc.rpartition("@")[2])
+    if parts.scheme.lower() not in ("http", "https") or match is None or parts.query or parts.fragment:
+        raise ValueError(_NOT_AN_OLLAMA_URL)
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"port {match['port']} is out of range 1-65535")
 
 
 def _env(*names: str) -> Any:
@@ -122,7 +138,8 @@ class Settings(BaseSettings):
     @classmethod
     def _normalise_ollama_host(cls, value: str) -> str:
         """Read it as Ollama does: ``host``, ``host:port``, ``0.0.0.0`` or a URL. The port
-        defaults to 11434 without a scheme and to the scheme's own (80, 443) with one."""
+        defaults to 11434 without a scheme and to the scheme's own (80, 443) with one. What
+        is not then an http(s) URL with a host and a port in 1-65535 is refused."""
         value = value.strip().rstrip("/")
         scheme, has_scheme, rest = value.partition("://")
         if not has_scheme:
@@ -130,10 +147,13 @@ class Settings(BaseSettings):
         hostport, _, path = rest.partition("/")
         match = _HOST_PORT.fullmatch(hostport)
         if match is None:
-            return f"{scheme}://{rest}"
-        host = _WILDCARD_HOSTS.get(match["host"], match["host"])
-        port = match["port"] or ("" if has_scheme else "11434")
-        return f"{scheme}://{host}" + (f":{port}" if port else "") + (f"/{path}" if path else "")
+            url = f"{scheme}://{rest}"
+        else:
+            host = _WILDCARD_HOSTS.get(match["host"], match["host"])
+            port = match["port"] or ("" if has_scheme else "11434")
+            url = f"{scheme}://{host}" + (f":{port}" if port else "") + (f"/{path}" if path else "")
+        _check_http_url(url)
+        return url
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -198,7 +218,7 @@ def _parse_rate(value: str) -> tuple[int, float] | None:
     return int(match.group(1)), per
 
 
-def _variable_for(field: str) -> str:
+def variable_for(field: str) -> str:
     """The variable the user set for ``field`` (or its main name when unset)."""
     info = Settings.model_fields.get(field)
     alias = info.validation_alias if info else None
@@ -222,7 +242,7 @@ def load_settings(**overrides: Any) -> Settings:
         field = _field_of(field)
         bad = first.get("input")
         shown = "" if "key" in field or isinstance(bad, dict) else f" (got {bad!r})"
-        raise ConfigError(f"{_variable_for(field)}: {first['msg']}{shown}") from None
+        raise ConfigError(f"{variable_for(field)}: {first['msg']}{shown}") from None
     except OSError as exc:
         raise ConfigError(f"CHATGATE_API_KEYS: cannot read key file: {exc.strerror}") from None
     return settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import orjson
@@ -10,6 +11,12 @@ import pytest
 from websockets.asyncio.client import connect
 
 pytestmark = pytest.mark.slow
+
+
+def port_answers(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, port)) == 0
 
 
 async def test_embedded_model_answers_over_websocket(start_gateway: Any) -> None:
@@ -39,11 +46,19 @@ async def test_embedded_model_answers_over_websocket(start_gateway: Any) -> None
     assert frames[-1]["timings"]["ttft_ms"] is not None
 
 
-async def test_auto_falls_back_to_embedded_model_when_ollama_is_silent(
+async def test_auto_uses_the_embedded_model_when_no_upstream_is_configured_or_answers(
+    start_gateway: Any
+) -> None:
+    assert not port_answers("127.0.0.1", 11434), "something listens on Ollama's default port"
+    with start_gateway(provider="auto", ollama_host=None, model=None, connect_timeout_s=1) as gw:
+        assert gw.gateway.provider.name == "local"
+
+
+async def test_auto_never_swaps_a_configured_ollama_for_the_embedded_model(
     start_gateway: Any, closed_port_url: str
 ) -> None:
     with start_gateway(provider="auto", ollama_host=closed_port_url, model=None, connect_timeout_s=1) as gw:
-        assert gw.gateway.provider.name == "local"
+        assert gw.gateway.provider.name == "ollama"
 
 
 async def test_auto_picks_ollama_when_it_answers(start_gateway: Any) -> None:

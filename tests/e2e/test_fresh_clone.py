@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def test_readme_opens_with_the_two_commands() -> None:
 
 
 def test_run_command_from_fresh_clone_serves_the_page(tmp_path: Path) -> None:
+    # No upstream is configured: with nothing at Ollama's default address, the run command
+    # serves the embedded model.
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        assert probe.connect_ex(("127.0.0.1", 11434)) != 0, "something listens on Ollama's default port"
     clone = tmp_path / "chatgate"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     port = free_port()
@@ -39,7 +45,6 @@ def test_run_command_from_fresh_clone_serves_the_page(tmp_path: Path) -> None:
     }
     env.update(
         CHATGATE_PORT=str(port),
-        OLLAMA_HOST=f"127.0.0.1:{free_port()}",
         CHATGATE_CONNECT_TIMEOUT_S="1",
         CHATGATE_DATA_DIR=str(tmp_path / "data"),
         CHATGATE_MAX_TOKENS="48",

@@ -1,0 +1,290 @@
+"""How ``chatgate serve`` runs uvicorn: checks that fail in one line before anything
+starts, the listening socket bound up front, and "chatgate ready on URL" said once the
+socket accepts connections, by the first worker that is ready.
+
+A start-up that fails after that point (the application's lifespan raised) is also one
+line on stderr; the CLI then exits with 2, as for a configuration error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import socket
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import uvicorn
+from uvicorn.supervisors import multiprocess
+
+from chatgate.config import _WILDCARD_HOSTS
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+
+    from chatgate.app import Gateway
+    from chatgate.config import Settings
+
+log = logging.getLogger("chatgate")
+#: uvicorn reports start-up failures, with the application's traceback, on this logger.
+_UVICORN_LOGGER = "uvicorn.error"
+#: Bits of the value the workers of one supervisor share: what has been said already.
+READY, FAILED = 1, 2
+#: uvicorn starts its workers in this context; what they share must come from it too.
+_spawn = multiprocessing.get_context("spawn")
+
+
+# --- checks before start-up -------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _shown(url: str) -> str:
+    """``url`` without its password, if it has one."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def store_problem(settings: Settings) -> str | None:
+    """One line naming the variable when the store cannot be opened; else None. Opens the
+    store once and closes it again, so a wrong path fails here rather than in a worker."""
+    from chatgate.store import StoreLimits, open_store
+    from chatgate.store.base import _REGISTRY
+
+    url = settings.store_url
+    variable = "CHATGATE_STORE" if settings.store else "CHATGATE_DATA_DIR"
+    scheme = urlsplit(url).scheme or url
+    if scheme not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        return f"CHATGATE_STORE: unknown store scheme {scheme!r}; known: {known}"
+    try:
+        store = open_store(url, StoreLimits())
+    except ValueError as exc:
+        return f"{variable}: {_one_line(exc)}"
+
+    async def open_and_close() -> None:
+        await asyncio.wait_for(store.open(), timeout=settings.connect_timeout_s)
+        await store.close()
+
+    try:
+        asyncio.run(open_and_close())
+    except Exception as exc:
+        return f"{variable}: cannot open the store {_shown(url)}: {_one_line(exc)}"
+    return None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound but not yet listening: the server listens once the
+    application has started. Like ``uvicorn.Config.bind_socket``, which exits instead of
+    raising; this raises OSError."""
+    sock = socket.socket(family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def url_of(host: str, port: int) -> str:
+    """Where clients connect: a wildcard address (``0.0.0.0``, ``::``) names this machine."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{_WILDCARD_HOSTS.get(shown, shown)}:{port}"
+
+
+# --- the server ------------------------------------------------------------------------
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_back(name: str) -> Iterator[list[logging.LogRecord]]:
+    """Keep what ``name`` logs in a list instead of letting it through."""
+    logger = logging.getLogger(name)
+    recorder = _Recorder()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [recorder], False
+    try:
+        yield recorder.records
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
+def _failure_of(records: list[logging.LogRecord]) -> str:
+    """The reason in uvicorn's start-up error records: the exception, without its traceback."""
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    for record in errors:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            return f"{type(exc).__name__}: {_one_line(exc)}"
+        text = record.getMessage()
+        if text.startswith("Traceback"):
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return lines[-1]
+    if errors:
+        return " ".join(errors[0].getMessage().split())
+    return "the application did not start"
+
+
+def gateway_of(app: Any) -> Gateway | None:
+    """The :class:`chatgate.app.Gateway` of a started app, through uvicorn's wrappers
+    (which keep the app they wrap as ``.app``)."""
+    for _ in range(16):
+        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        if gateway is not None:
+            return gateway  # type: ignore[no-any-return]
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, saying "chatgate ready on URL" once its sockets listen, and one
+    line on stderr instead of a traceback when the application's start-up fails.
+
+    ``said`` is shared by the workers of one supervisor, so that each is said once."""
+
+    def __init__(self, config: uvicorn.Config, said: Synchronized[int] | None = None) -> None:
+        super().__init__(config)
+        self.said = said
+        self.failure: str | None = None
+
+    def _first(self, what: int) -> bool:
+        if self.said is None:
+            return True
+        with self.said.get_lock():
+            first = not self.said.value & what
+            self.said.value |= what
+        return first
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        with _held_back(_UVICORN_LOGGER) as records:
+            try:
+                await super().startup(sockets=sockets)
+            except SystemExit:  # what uvicorn does when the lifespan start-up failed
+                self._failed(records)
+                raise
+        if not self.started:  # uvicorn versions that return instead
+            if self.lifespan.should_exit:
+                self._failed(records)
+            return
+        for record in records:
+            logging.getLogger(_UVICORN_LOGGER).handle(record)
+        if not self.should_exit and self._first(READY):
+            self._say_ready(sockets)
+
+    def _failed(self, records: list[logging.LogRecord]) -> None:
+        self.failure = _failure_of(records)
+        if self._first(FAILED):
+            print(f"chatgate: start-up failed: {self.failure}", file=sys.stderr, flush=True)
+
+    def _say_ready(self, sockets: list[socket.socket] | None) -> None:
+        if sockets:
+            port = sockets[0].getsockname()[1]
+        else:
+            port = self.servers[0].sockets[0].getsockname()[1]
+        url = url_of(self.config.host, port)
+        gateway = gateway_of(self.config.loaded_app)
+        provider, model, store = (
+            (gateway.provider.name, gateway.provider.default_model, gateway.store.name)
+            if gateway is not None
+            else ("unknown", "unknown", "unknown")
+        )
+        log.info(
+            f"chatgate ready on {url} (provider {provider}, model {model}, store {store})",
+            extra={"url": url, "provider": provider, "model": model, "store": store},
+        )
+
+
+# --- several workers -----------------------------------------------------------------
+
+
+class _WorkerProcess(multiprocess.Process):
+    """uvicorn's worker process, running a :class:`GatewayServer`."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], *, said: Synchronized[int]) -> None:
+        self.said = said  # before the base class makes the child process, which carries it
+        super().__init__(config, sockets)
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:
+            self._server = GatewayServer(self.config, self.said)
+        return self._server
+
+
+class _QuietAfterFailure(logging.Filter):
+    """Once a worker has said why start-up failed, the supervisor's own error about that
+    worker would be a second line."""
+
+    def __init__(self, said: Synchronized[int]) -> None:
+        super().__init__()
+        self.said = said
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or not self.said.value & FAILED
+
+
+class Supervisor(multiprocess.Multiprocess):
+    """uvicorn's supervisor of several workers (what ``uvicorn.run`` does for
+    ``workers > 1``), with workers that run :class:`GatewayServer`."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self.said: Synchronized[int] = _spawn.Value("b", 0)
+
+    @property
+    def start_failed(self) -> bool:
+        return bool(self.said.value & FAILED)
+
+    def run(self) -> None:
+        # The supervisor makes (and remakes) its workers by this module-level name.
+        plain = multiprocess.Process
+        quiet = _QuietAfterFailure(self.said)
+        logger = logging.getLogger(_UVICORN_LOGGER)
+        multiprocess.Process = functools.partial(_WorkerProcess, said=self.said)  # type: ignore[misc,assignment]
+        logger.addFilter(quiet)
+        try:
+            super().run()
+        finally:
+            multiprocess.Process = plain  # type: ignore[misc]
+            logger.removeFilter(quiet)
+
+
+def run(config: uvicorn.Config, sock: socket.socket) -> int:
+    """Serve on the bound ``sock`` until stopped; the exit code (2: start-up failed)."""
+    try:
+        if config.workers > 1:
+            supervisor = Supervisor(config, [sock])
+            supervisor.run()
+            return 2 if supervisor.start_failed else 0
+        server = GatewayServer(config)
+        try:
+            server.run(sockets=[sock])
+        except SystemExit:
+            if server.started:
+                raise
+        return 0 if server.started else 2
+    finally:
+        sock.close()
