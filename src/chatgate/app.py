@@ -1,4 +1,5 @@
-"""create_app(settings): the FastAPI application; its lifespan wires everything."""
+"""create_app(settings): the FastAPI application, assembled around a :class:`Gateway`
+that its lifespan opens and closes."""
 
 from __future__ import annotations
 
@@ -7,27 +8,19 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from chatgate import __version__
 from chatgate.api import http, ollama_compat, openai_compat, ws
-from chatgate.api.auth import Authenticator
 from chatgate.api.limits import BodySizeLimit
-from chatgate.chat.agents import AgentRegistry, load_agents
-from chatgate.chat.limits import RateLimiter
-from chatgate.chat.service import ChatService
+from chatgate.chat.agents import load_agents
 from chatgate.config import Settings
-from chatgate.providers import build_provider
-from chatgate.providers.base import Provider
-from chatgate.store import ConversationStore, StoreLimits, open_store
+from chatgate.gateway import close_gateway, open_gateway, purge_forever
 
 log = logging.getLogger("chatgate")
-PURGE_INTERVAL_S = 60.0
 #: OpenAI and Ollama clients resend the conversation each turn: allow this many messages' worth.
 HISTORY_BODY_FACTOR = 64
 #: A served gateway makes and drops many short-lived objects per token; collecting the
@@ -49,57 +42,6 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-@dataclass
-class Gateway:
-    """Everything a request handler needs, built once per process."""
-
-    settings: Settings
-    provider: Provider
-    session: aiohttp.ClientSession
-    store: ConversationStore
-    agents: AgentRegistry
-    service: ChatService
-    auth: Authenticator
-    websockets_open: int = 0
-
-
-async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
-    store = open_store(
-        settings.store_url,
-        StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
-    )
-    await store.open()
-    provider, session = await build_provider(settings)
-    service = ChatService(
-        provider,
-        store,
-        agents,
-        memory_enabled=settings.enable_memory,
-        max_turns=settings.memory_max_turns,
-        fallback_models=settings.fallback_model_list,
-        keep_finished_s=settings.resume_grace_s,
-        rate_limiter=RateLimiter(*settings.rate) if settings.rate else None,
-        max_streams_per_client=settings.max_streams_per_client,
-    )
-    return Gateway(settings, provider, session, store, agents, service, Authenticator(settings.api_key_set()))
-
-
-async def close_gateway(gateway: Gateway) -> None:
-    await gateway.service.aclose()
-    await gateway.provider.aclose()
-    await gateway.session.close()
-    await gateway.store.close()
-
-
-async def _purge_forever(store: ConversationStore) -> None:
-    while True:
-        await asyncio.sleep(PURGE_INTERVAL_S)
-        try:
-            await store.purge_expired()
-        except Exception:
-            log.exception("purging expired conversations failed")
-
-
 def tune_gc() -> None:
     """For a process that only serves the gateway: collect rarely, and move everything that
     exists after start-up (modules, settings, the app) out of the collector's sight for good."""
@@ -119,7 +61,7 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
         app.state.gateway = gateway
         if own_process:
             tune_gc()
-        purger = asyncio.create_task(_purge_forever(gateway.store))
+        purger = asyncio.create_task(purge_forever(gateway.store))
         # "chatgate ready" comes from the server once its socket listens (chatgate.serve).
         log.debug(
             "gateway started",

@@ -27,8 +27,8 @@ from chatgate.config import _WILDCARD_HOSTS
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
 
-    from chatgate.app import Gateway
     from chatgate.config import Settings
+    from chatgate.gateway import Gateway
 
 log = logging.getLogger("chatgate")
 #: uvicorn reports start-up failures, with the application's traceback, on this logger.

@@ -20,9 +20,9 @@ from starlette.websockets import WebSocket
 
 from chatgate.api import ws
 from chatgate.api.dialects import Peer, dialect_named
-from chatgate.app import Gateway, close_gateway, open_gateway
 from chatgate.chat.agents import load_agents
 from chatgate.config import load_settings
+from chatgate.gateway import Gateway, close_gateway, open_gateway
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM
 

@@ -31,7 +31,7 @@ from chatgate.chat.service import CONVERSATION_ID, Turn
 from chatgate.providers.base import GenerationOptions, Message, ProviderError
 
 if TYPE_CHECKING:
-    from chatgate.app import Gateway
+    from chatgate.gateway import Gateway
 
 AGENT_PREFIX = "agent:"
 CONVERSATION_HEADER = "X-Conversation-Id"

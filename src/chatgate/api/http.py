@@ -24,7 +24,7 @@ from chatgate.chat.service import Turn
 from chatgate.providers.base import ProviderError
 
 if TYPE_CHECKING:
-    from chatgate.app import Gateway
+    from chatgate.gateway import Gateway
 
 router = APIRouter()
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"

@@ -63,7 +63,7 @@ from chatgate.chat.generation import Generation, seen_before
 from chatgate.chat.service import Turn
 
 if TYPE_CHECKING:
-    from chatgate.app import Gateway
+    from chatgate.gateway import Gateway
 
 log = logging.getLogger("chatgate.ws")
 

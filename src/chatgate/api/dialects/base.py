@@ -30,7 +30,7 @@ from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 
 if TYPE_CHECKING:
-    from chatgate.app import Gateway
+    from chatgate.gateway import Gateway
 
 #: One frame a dialect sends, serialised as a JSON object.
 Frame = Mapping[str, Any]

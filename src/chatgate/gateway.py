@@ -1,0 +1,78 @@
+"""The per-process wiring: one :class:`Gateway` holds everything a request handler needs
+(settings, provider and its HTTP session, store, agents, chat service, authenticator),
+opened once when the app starts and closed when it stops.
+
+The wire layer (:mod:`chatgate.api`) depends on this module; :mod:`chatgate.app` only
+assembles the routes around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from chatgate.api.auth import Authenticator
+from chatgate.chat.agents import AgentRegistry
+from chatgate.chat.limits import RateLimiter
+from chatgate.chat.service import ChatService
+from chatgate.config import Settings
+from chatgate.providers import build_provider
+from chatgate.providers.base import Provider
+from chatgate.store import ConversationStore, StoreLimits, open_store
+
+log = logging.getLogger("chatgate")
+PURGE_INTERVAL_S = 60.0
+
+
+@dataclass
+class Gateway:
+    """Everything a request handler needs, built once per process."""
+
+    settings: Settings
+    provider: Provider
+    session: aiohttp.ClientSession
+    store: ConversationStore
+    agents: AgentRegistry
+    service: ChatService
+    auth: Authenticator
+    websockets_open: int = 0
+
+
+async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
+    store = open_store(
+        settings.store_url,
+        StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
+    )
+    await store.open()
+    provider, session = await build_provider(settings)
+    service = ChatService(
+        provider,
+        store,
+        agents,
+        memory_enabled=settings.enable_memory,
+        max_turns=settings.memory_max_turns,
+        fallback_models=settings.fallback_model_list,
+        keep_finished_s=settings.resume_grace_s,
+        rate_limiter=RateLimiter(*settings.rate) if settings.rate else None,
+        max_streams_per_client=settings.max_streams_per_client,
+    )
+    return Gateway(settings, provider, session, store, agents, service, Authenticator(settings.api_key_set()))
+
+
+async def close_gateway(gateway: Gateway) -> None:
+    await gateway.service.aclose()
+    await gateway.provider.aclose()
+    await gateway.session.close()
+    await gateway.store.close()
+
+
+async def purge_forever(store: ConversationStore) -> None:
+    while True:
+        await asyncio.sleep(PURGE_INTERVAL_S)
+        try:
+            await store.purge_expired()
+        except Exception:
+            log.exception("purging expired conversations failed")
