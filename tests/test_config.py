@@ -1,4 +1,4 @@
-"""Settings: the SPEC's variables and the seeds' aliases, the ``.env`` file, flags, and
+"""Settings: the README's variables and the seeds' aliases, the ``.env`` file, flags, and
 the one-line error for a wrong value."""
 
 from __future__ import annotations
@@ -14,15 +14,24 @@ import pytest
 from pydantic import AliasChoices, SecretStr
 
 from chatgate.config import ConfigError, Settings, load_settings
+from chatgate.providers import provider_names
+from chatgate.providers.base import registered_providers
+from chatgate.providers.gemini import GeminiSettings
+from chatgate.providers.local import LocalSettings
+from chatgate.providers.ollama import OllamaSettings
+from chatgate.providers.openai import OpenAISettings
 
 Getter = Callable[[Settings], Any]
 
 
 def every_variable() -> set[str]:
+    """The gateway's variables and every registered provider's."""
     names = {"CHATGATE_DATA_DIR", "OTEL_EXPORTER_OTLP_ENDPOINT"}
-    for info in Settings.model_fields.values():
-        if isinstance(info.validation_alias, AliasChoices):
-            names.update(str(choice) for choice in info.validation_alias.choices)
+    models = [Settings, *(registration.settings for registration in registered_providers().values())]
+    for model in models:
+        for info in model.model_fields.values():
+            if isinstance(info.validation_alias, AliasChoices):
+                names.update(str(choice) for choice in info.validation_alias.choices)
     return names
 
 
@@ -39,25 +48,28 @@ def secret(value: SecretStr | None) -> str | None:
     return None if value is None else value.get_secret_value()
 
 
-# Every row of the SPEC's configuration table, main name and seed aliases alike.
+# Every row of the README's configuration table, main name and seed aliases alike.
 VARIABLES: list[tuple[str, str, Getter, Any]] = [
     ("CHATGATE_HOST", "0.0.0.0", lambda s: s.host, "0.0.0.0"),
     ("CHATGATE_PORT", "9001", lambda s: s.port, 9001),
     ("GATEWAY_PORT", "8001", lambda s: s.port, 8001),
     ("CHATGATE_PROVIDER", "openai", lambda s: s.provider, "openai"),
     ("PROVIDER", "ollama", lambda s: s.provider, "ollama"),
-    ("OLLAMA_HOST", "http://10.0.0.5:11434", lambda s: s.ollama_host, "http://10.0.0.5:11434"),
-    ("OLLAMA_URL", "http://127.0.0.1:8008", lambda s: s.ollama_host, "http://127.0.0.1:8008"),
+    ("OLLAMA_HOST", "http://10.0.0.5:11434", lambda s: s.upstream(OllamaSettings).ollama_host, "http://10.0.0.5:11434"),
+    ("OLLAMA_URL", "http://127.0.0.1:8008", lambda s: s.upstream(OllamaSettings).ollama_host, "http://127.0.0.1:8008"),
     ("CHATGATE_MODEL", "qwen2.5:0.5b", lambda s: s.model, "qwen2.5:0.5b"),
     ("OLLAMA_MODEL", "llama3.2:latest", lambda s: s.model, "llama3.2:latest"),
     ("OLLAMA_MODEL_GENERAL", "gpt-oss:20b", lambda s: s.model, "gpt-oss:20b"),
     ("CHATGATE_FALLBACK_MODELS", "a, b,,c", lambda s: s.fallback_model_list, ["a", "b", "c"]),
-    ("CHATGATE_OPENAI_BASE_URL", "http://vllm:8000/v1", lambda s: s.openai_base_url, "http://vllm:8000/v1"),
-    ("CHATGATE_OPENAI_API_KEY", "sk-abc", lambda s: secret(s.openai_api_key), "sk-abc"),
-    ("GEMINI_API_KEY", "g-key", lambda s: secret(s.gemini_api_key), "g-key"),
-    ("GOOGLE_API_KEY", "goog-key", lambda s: secret(s.gemini_api_key), "goog-key"),
-    ("CHATGATE_GEMINI_BASE_URL", "http://gem.lan", lambda s: s.gemini_base_url, "http://gem.lan"),
-    ("CHATGATE_LOCAL_MODEL_PATH", "/models/x.gguf", lambda s: s.local_model_path, "/models/x.gguf"),
+    ("CHATGATE_OPENAI_BASE_URL", "http://vllm:8000/v1", lambda s: s.upstream(OpenAISettings).openai_base_url,
+     "http://vllm:8000/v1"),
+    ("CHATGATE_OPENAI_API_KEY", "sk-abc", lambda s: secret(s.upstream(OpenAISettings).openai_api_key), "sk-abc"),
+    ("GEMINI_API_KEY", "g-key", lambda s: secret(s.upstream(GeminiSettings).gemini_api_key), "g-key"),
+    ("GOOGLE_API_KEY", "goog-key", lambda s: secret(s.upstream(GeminiSettings).gemini_api_key), "goog-key"),
+    ("CHATGATE_GEMINI_BASE_URL", "http://gem.lan", lambda s: s.upstream(GeminiSettings).gemini_base_url,
+     "http://gem.lan"),
+    ("CHATGATE_LOCAL_MODEL_PATH", "/models/x.gguf", lambda s: s.upstream(LocalSettings).local_model_path,
+     "/models/x.gguf"),
     ("CHATGATE_STORE", "redis://cache:6379/2", lambda s: s.store_url, "redis://cache:6379/2"),
     ("CHATGATE_ENABLE_MEMORY", "false", lambda s: s.enable_memory, False),
     ("ENABLE_MEMORY", "false", lambda s: s.enable_memory, False),
@@ -111,11 +123,11 @@ def test_variable_sets_its_setting(
     assert get(load_settings()) == expected
 
 
-def test_defaults_match_the_spec() -> None:
+def test_defaults_match_the_readme() -> None:
     settings = load_settings()
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.provider == "auto"
-    assert settings.ollama_host == "http://127.0.0.1:11434"
+    assert settings.upstream(OllamaSettings).ollama_host == "http://127.0.0.1:11434"
     assert settings.model is None and settings.fallback_model_list == []
     assert settings.enable_memory is True
     assert settings.memory_max_turns == 20
@@ -213,6 +225,36 @@ def test_wrong_value_names_its_variable(monkeypatch: pytest.MonkeyPatch, variabl
     assert "\n" not in message
 
 
+def test_unknown_provider_names_the_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATGATE_PROVIDER", "olama")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    head, _, known = str(caught.value).partition("; known: ")
+    assert head == "CHATGATE_PROVIDER: unknown provider 'olama'"
+    assert known.split(", ") == provider_names()
+    assert {"auto", "gemini", "local", "ollama", "openai"} <= set(provider_names())
+
+
+def test_an_override_no_settings_have_is_refused() -> None:
+    """Overrides go to the settings that have a field of their name; a misspelt one would
+    otherwise be dropped without a word."""
+    with pytest.raises(TypeError, match="olama_host"):
+        load_settings(olama_host="http://gpu-box:11434")
+
+
+def test_a_wrong_provider_setting_names_its_variable_and_hides_a_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OLLAMA_URL", "ftp://ollama:21")
+    with pytest.raises(ConfigError, match=r"^OLLAMA_URL: .*\(got 'ftp://ollama:21'\)$"):
+        load_settings()
+    monkeypatch.delenv("OLLAMA_URL")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(gemini_api_key=["sk-do-not-print-me"])
+    assert str(caught.value).startswith("GEMINI_API_KEY: ")
+    assert "sk-do-not-print-me" not in str(caught.value)
+
+
 def serve(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """``python -m chatgate serve`` with only ``env`` set of chatgate's variables. Should
     it start after all, the timeout ends it and the test fails."""
@@ -298,7 +340,7 @@ def test_ollama_host_is_read_as_ollama_reads_it(
     monkeypatch: pytest.MonkeyPatch, value: str, expected: str
 ) -> None:
     monkeypatch.setenv("OLLAMA_HOST", value)
-    assert load_settings().ollama_host == expected
+    assert load_settings().upstream(OllamaSettings).ollama_host == expected
 
 
 @pytest.mark.parametrize(
@@ -340,9 +382,9 @@ def test_unusable_ollama_address_given_as_an_override_is_refused_too() -> None:
 def test_a_configured_ollama_address_is_known_as_set(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, configure: str
 ) -> None:
-    """``auto`` tells a configured Ollama address from the default by ``model_fields_set``:
-    the environment (either name, any case), ``.env`` and overrides all put it there."""
-    assert "ollama_host" not in load_settings().model_fields_set
+    """``auto`` tells a configured Ollama address from the default: the environment (either
+    name, any case), ``.env`` and overrides all configure it."""
+    assert not load_settings().upstream(OllamaSettings).configured
     overrides: dict[str, Any] = {}
     if configure == "dotenv":
         (tmp_path / ".env").write_text("OLLAMA_URL=http://127.0.0.1:11434\n", encoding="utf-8")
@@ -350,6 +392,6 @@ def test_a_configured_ollama_address_is_known_as_set(
         overrides["ollama_host"] = "http://127.0.0.1:11434"
     else:
         monkeypatch.setenv(configure, "http://127.0.0.1:11434")
-    settings = load_settings(**overrides)
-    assert "ollama_host" in settings.model_fields_set
-    assert settings.ollama_host == "http://127.0.0.1:11434"
+    ollama = load_settings(**overrides).upstream(OllamaSettings)
+    assert ollama.configured
+    assert ollama.ollama_host == "http://127.0.0.1:11434"

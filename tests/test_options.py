@@ -19,7 +19,7 @@ from chatgate.options import (
     OptionError,
     parse_options,
 )
-from chatgate.providers.base import GenerationOptions
+from chatgate.vocabulary import GenerationOptions
 
 
 def refused(data: Any, where: str = "options") -> OptionError:

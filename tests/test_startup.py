@@ -22,6 +22,7 @@ from pydantic import AliasChoices
 
 from chatgate.config import Settings, load_settings
 from chatgate.providers import choose_provider, needs_probe
+from chatgate.providers.base import registered_providers
 from chatgate.serve import url_of
 from chatgate.testing.servers import FakeLLM, free_port, wait_until
 
@@ -33,10 +34,13 @@ EMBEDDED_REASON = (
 
 
 def chatgate_variables() -> set[str]:
+    """The gateway's variables and every registered provider's."""
     names = {"CHATGATE_DATA_DIR"}
-    for info in Settings.model_fields.values():
-        if isinstance(info.validation_alias, AliasChoices):
-            names.update(str(choice).upper() for choice in info.validation_alias.choices)
+    models = [Settings, *(registration.settings for registration in registered_providers().values())]
+    for model in models:
+        for info in model.model_fields.values():
+            if isinstance(info.validation_alias, AliasChoices):
+                names.update(str(choice).upper() for choice in info.validation_alias.choices)
     return names
 
 

@@ -15,14 +15,15 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from chatgate import __version__
 from chatgate.api import http, ollama_compat, openai_compat, ws
-from chatgate.api.limits import BodySizeLimit
+from chatgate.api.auth import Authentication
+from chatgate.api.errors import handle_chat_error
+from chatgate.api.limits import BodySizeLimit, SizeLimits
 from chatgate.chat.agents import load_agents
+from chatgate.chat.events import ChatError
 from chatgate.config import Settings
 from chatgate.gateway import close_gateway, open_gateway, purge_forever
 
 log = logging.getLogger("chatgate")
-#: OpenAI and Ollama clients resend the conversation each turn: allow this many messages' worth.
-HISTORY_BODY_FACTOR = 64
 #: A served gateway makes and drops many short-lived objects per token; collecting the
 #: youngest generation every 700 allocations (Python's default) cost about a third of its
 #: throughput in the benchmark. Reference counting frees nearly all of them anyway; the
@@ -90,13 +91,10 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Conversation-Id"],
         )
-    app.add_middleware(
-        BodySizeLimit,
-        max_bytes=settings.max_message_bytes + 4096,
-        history_max_bytes=HISTORY_BODY_FACTOR * settings.max_message_bytes,
-    )
+    app.add_middleware(BodySizeLimit, limits=SizeLimits.of(settings))
     app.add_middleware(ws.WebSocketRoutes)
-    http.install_error_handlers(app)
+    app.add_middleware(Authentication, keys=settings.api_key_set())
+    app.add_exception_handler(ChatError, handle_chat_error)
     app.include_router(http.router)
     app.include_router(openai_compat.router)
     app.include_router(ollama_compat.router)

@@ -2,20 +2,26 @@
 
 Every variable has its ``CHATGATE_`` name first and then the names the seed systems used,
 so a seed's existing ``.env`` keeps working.
+
+:class:`Settings` holds what the gateway itself needs. Each provider adapter declares its
+own settings (an :class:`EnvironmentSettings` read from the same sources) and registers
+them with itself. :mod:`chatgate.providers`, which imports this module, installs the
+loader of those settings here (:func:`load_upstreams_with`), so this module names no
+provider and imports none.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from functools import cache
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, TypeAlias, TypeVar, get_args
 
 from pydantic import (
     AliasChoices,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -23,29 +29,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chatgate.providers.base import GenerationOptions
+from chatgate.vocabulary import GenerationOptions
 
-ProviderName = Literal["auto", "ollama", "openai", "gemini", "local"]
-_HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>\d+))?")
 #: A listen-on-everything address names this machine when used to connect.
-_WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
-#: What a URL's authority must be after normalising: a hostname or [IPv6], then :port.
-_URL_HOST_PORT = re.compile(
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?"
-)
-_NOT_AN_OLLAMA_URL = "expected an http(s) URL, host or host:port, e.g. http://127.0.0.1:11434"
+WILDCARD_HOSTS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}
 _RATE_UNITS = {"second": 1.0, "sec": 1.0, "s": 1.0, "minute": 60.0, "min": 60.0, "m": 60.0,
                "hour": 3600.0, "h": 3600.0, "day": 86400.0, "d": 86400.0}
-
-
-def _check_http_url(url: str) -> None:
-    """Raise ValueError unless ``url`` is http(s) with a usable host and port (1-65535)."""
-    parts = urlsplit(url)
-    match = _URL_HOST_PORT.fullmatch(parts.netloc.rpartition("@")[2])
-    if parts.scheme.lower() not in ("http", "https") or match is None or parts.query or parts.fragment:
-        raise ValueError(_NOT_AN_OLLAMA_URL)
-    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
-        raise ValueError(f"port {match['port']} is out of range 1-65535")
 
 
 def _env(*names: str) -> Any:
@@ -56,7 +45,10 @@ class ConfigError(Exception):
     """A configuration value is wrong; the message is one line naming the variable."""
 
 
-class Settings(BaseSettings):
+class EnvironmentSettings(BaseSettings):
+    """Where every setting comes from: the environment (any case), then ``.env``; an empty
+    value counts as unset. Fields are set by name or by any of their variables' names."""
+
     model_config = SettingsConfigDict(
         env_file=".env",
         env_file_encoding="utf-8",
@@ -66,28 +58,25 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
+
+AnySettings = TypeVar("AnySettings", bound=EnvironmentSettings)
+
+
+class Settings(EnvironmentSettings):
+    _upstreams: dict[type[EnvironmentSettings], EnvironmentSettings] = PrivateAttr(
+        default_factory=dict
+    )
+
     host: str = Field("127.0.0.1", validation_alias=_env("CHATGATE_HOST"))
     port: int = Field(8000, ge=0, le=65535, validation_alias=_env("CHATGATE_PORT", "GATEWAY_PORT"))
     workers: int = Field(1, ge=1, le=64, validation_alias=_env("CHATGATE_WORKERS"))
 
-    provider: ProviderName = Field("auto", validation_alias=_env("CHATGATE_PROVIDER", "PROVIDER"))
-    ollama_host: str = Field(
-        "http://127.0.0.1:11434", validation_alias=_env("OLLAMA_HOST", "OLLAMA_URL")
-    )
+    #: ``auto`` or a registered provider's name, checked by :func:`load_settings`.
+    provider: str = Field("auto", validation_alias=_env("CHATGATE_PROVIDER", "PROVIDER"))
     model: str | None = Field(
         None, validation_alias=_env("CHATGATE_MODEL", "OLLAMA_MODEL", "OLLAMA_MODEL_GENERAL")
     )
     fallback_models: str = Field("", validation_alias=_env("CHATGATE_FALLBACK_MODELS"))
-    openai_base_url: str | None = Field(None, validation_alias=_env("CHATGATE_OPENAI_BASE_URL"))
-    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("CHATGATE_OPENAI_API_KEY"))
-    gemini_api_key: SecretStr | None = Field(
-        None, validation_alias=_env("GEMINI_API_KEY", "GOOGLE_API_KEY")
-    )
-    gemini_base_url: str = Field(
-        "https://generativelanguage.googleapis.com",
-        validation_alias=_env("CHATGATE_GEMINI_BASE_URL"),
-    )
-    local_model_path: str | None = Field(None, validation_alias=_env("CHATGATE_LOCAL_MODEL_PATH"))
 
     data_dir: Path = Field(
         Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chatgate",
@@ -134,27 +123,6 @@ class Settings(BaseSettings):
         "info", validation_alias=_env("CHATGATE_LOG_LEVEL")
     )
 
-    @field_validator("ollama_host")
-    @classmethod
-    def _normalise_ollama_host(cls, value: str) -> str:
-        """Read it as Ollama does: ``host``, ``host:port``, ``0.0.0.0`` or a URL. The port
-        defaults to 11434 without a scheme and to the scheme's own (80, 443) with one. What
-        is not then an http(s) URL with a host and a port in 1-65535 is refused."""
-        value = value.strip().rstrip("/")
-        scheme, has_scheme, rest = value.partition("://")
-        if not has_scheme:
-            scheme, rest = "http", value
-        hostport, _, path = rest.partition("/")
-        match = _HOST_PORT.fullmatch(hostport)
-        if match is None:
-            url = f"{scheme}://{rest}"
-        else:
-            host = _WILDCARD_HOSTS.get(match["host"], match["host"])
-            port = match["port"] or ("" if has_scheme else "11434")
-            url = f"{scheme}://{host}" + (f":{port}" if port else "") + (f"/{path}" if path else "")
-        _check_http_url(url)
-        return url
-
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
@@ -179,6 +147,13 @@ class Settings(BaseSettings):
         if self.debug and "log_level" not in self.model_fields_set:
             self.log_level = "debug"
         return self
+
+    def upstream(self, kind: type[AnySettings]) -> AnySettings:
+        """One provider's settings, by its settings class, as :func:`load_settings` loaded them."""
+        try:
+            return self._upstreams[kind]  # type: ignore[return-value]
+        except KeyError:
+            raise LookupError(f"no {kind.__name__} here: settings come from load_settings()") from None
 
     @property
     def generation_options(self) -> GenerationOptions:
@@ -218,9 +193,9 @@ def _parse_rate(value: str) -> tuple[int, float] | None:
     return int(match.group(1)), per
 
 
-def variable_for(field: str) -> str:
-    """The variable the user set for ``field`` (or its main name when unset)."""
-    info = Settings.model_fields.get(field)
+def variable_for(field: str, model: type[EnvironmentSettings] = Settings) -> str:
+    """The variable the user set for ``model``'s ``field`` (or its main name when unset)."""
+    info = model.model_fields.get(field)
     alias = info.validation_alias if info else None
     names = [str(n) for n in alias.choices] if isinstance(alias, AliasChoices) else [field.upper()]
     for name in names:
@@ -229,36 +204,63 @@ def variable_for(field: str) -> str:
     return names[0]
 
 
+def config_error(exc: ValidationError, model: type[EnvironmentSettings]) -> ConfigError:
+    """The one line for ``model``'s first wrong value: the variable, what is wrong, and the
+    value unless it is a secret."""
+    first = exc.errors()[0]
+    field = _field_of(str(first["loc"][0]) if first["loc"] else "", model)
+    bad = first.get("input")
+    shown = "" if _is_secret(field, model) or isinstance(bad, dict) else f" (got {bad!r})"
+    return ConfigError(f"{variable_for(field, model)}: {first['msg']}{shown}")
+
+
+#: Loads every provider's settings, given the gateway's and the overrides that are not
+#: fields of :class:`Settings`; a wrong value raises ConfigError, an override no provider
+#: takes TypeError.
+UpstreamLoader: TypeAlias = Callable[[Settings, Mapping[str, Any]], Iterable[EnvironmentSettings]]
+_upstream_loaders: list[UpstreamLoader] = []
+
+
+def load_upstreams_with(loader: UpstreamLoader) -> UpstreamLoader:
+    """Make ``loader`` the one :func:`load_settings` calls (:mod:`chatgate.providers` does
+    when imported)."""
+    _upstream_loaders[:] = [loader]
+    return loader
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings; a wrong value raises ConfigError with one line naming the variable."""
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    """Build the gateway's settings and every provider's; a wrong value raises ConfigError
+    with one line naming the variable. An override sets the field of its name, in whichever
+    settings declare it (``None`` means not given); a name none declares is a TypeError."""
+    if not _upstream_loaders:
+        raise RuntimeError("load_settings() needs chatgate.providers imported: it loads the providers' settings")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    own = {k: v for k, v in given.items() if k in Settings.model_fields}
     try:
-        settings = Settings(**overrides)
+        settings = Settings(**own)
         if settings.api_keys.get_secret_value().startswith("@"):
             settings.api_key_set()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        field = _field_of(field)
-        bad = first.get("input")
-        shown = "" if "key" in field or isinstance(bad, dict) else f" (got {bad!r})"
-        raise ConfigError(f"{variable_for(field)}: {first['msg']}{shown}") from None
+        raise config_error(exc, Settings) from None
     except OSError as exc:
         raise ConfigError(f"CHATGATE_API_KEYS: cannot read key file: {exc.strerror}") from None
+    upstreams = _upstream_loaders[0](settings, {k: v for k, v in given.items() if k not in own})
+    settings._upstreams = {type(upstream): upstream for upstream in upstreams}
     return settings
 
 
-def _field_of(loc: str) -> str:
+def _field_of(loc: str, model: type[EnvironmentSettings]) -> str:
     """Map an error location (a field or one of its aliases) back to the field name."""
-    if loc in Settings.model_fields:
+    if loc in model.model_fields:
         return loc
-    for name, info in Settings.model_fields.items():
+    for name, info in model.model_fields.items():
         alias = info.validation_alias
         if isinstance(alias, AliasChoices) and loc.lower() in (str(c).lower() for c in alias.choices):
             return name
     return loc
 
 
-@cache
-def get_settings() -> Settings:
-    return load_settings()
+def _is_secret(field: str, model: type[EnvironmentSettings]) -> bool:
+    info = model.model_fields.get(field)
+    kinds = (info.annotation, *get_args(info.annotation)) if info else ()
+    return "key" in field or SecretStr in kinds

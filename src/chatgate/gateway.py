@@ -1,5 +1,5 @@
 """The per-process wiring: one :class:`Gateway` holds everything a request handler needs
-(settings, provider and its HTTP session, store, agents, chat service, authenticator),
+(settings, provider and its HTTP session, store, agents, chat service, metrics),
 opened once when the app starts and closed when it stops.
 
 The wire layer (:mod:`chatgate.api`) depends on this module; :mod:`chatgate.app` only
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from chatgate.api.auth import Authenticator
 from chatgate.chat.agents import AgentRegistry
 from chatgate.chat.limits import RateLimiter
 from chatgate.chat.service import ChatService
 from chatgate.config import Settings
+from chatgate.observability import Metrics
 from chatgate.providers import build_provider
 from chatgate.providers.base import Provider
 from chatgate.store import ConversationStore, StoreLimits, open_store
@@ -37,7 +37,7 @@ class Gateway:
     store: ConversationStore
     agents: AgentRegistry
     service: ChatService
-    auth: Authenticator
+    metrics: Metrics
     websockets_open: int = 0
 
 
@@ -48,6 +48,7 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
     )
     await store.open()
     provider, session = await build_provider(settings)
+    metrics = Metrics(provider.name)
     service = ChatService(
         provider,
         store,
@@ -58,8 +59,9 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         keep_finished_s=settings.resume_grace_s,
         rate_limiter=RateLimiter(*settings.rate) if settings.rate else None,
         max_streams_per_client=settings.max_streams_per_client,
+        observers=[metrics],
     )
-    return Gateway(settings, provider, session, store, agents, service, Authenticator(settings.api_key_set()))
+    return Gateway(settings, provider, session, store, agents, service, metrics)
 
 
 async def close_gateway(gateway: Gateway) -> None:

@@ -30,7 +30,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from chatgate.providers.base import GenerationOptions
+from chatgate.vocabulary import GenerationOptions
 
 TEMPERATURE_MIN, TEMPERATURE_MAX = 0.0, 2.0
 TOP_P_MIN, TOP_P_MAX = 0.0, 1.0

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
-from chatgate.config import _WILDCARD_HOSTS
+from chatgate.config import WILDCARD_HOSTS
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
@@ -102,7 +102,7 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(host: str, port: int) -> str:
     """Where clients connect: a wildcard address (``0.0.0.0``, ``::``) names this machine."""
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"http://{_WILDCARD_HOSTS.get(shown, shown)}:{port}"
+    return f"http://{WILDCARD_HOSTS.get(shown, shown)}:{port}"
 
 
 # --- the server ------------------------------------------------------------------------

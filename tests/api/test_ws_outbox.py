@@ -18,7 +18,7 @@ import orjson
 import pytest
 from starlette.websockets import WebSocket
 
-from chatgate.api import ws
+from chatgate.api import delivery, ws
 from chatgate.api.dialects import Peer, dialect_named
 from chatgate.chat.agents import load_agents
 from chatgate.config import load_settings
@@ -126,7 +126,7 @@ async def test_a_slow_client_gets_everything_in_order_in_fewer_frames(
 async def test_a_client_that_stops_reading_is_disconnected_and_its_answer_kept(
     client: ClientSide, fake: FakeLLM, gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ws, "SEND_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(delivery, "SEND_TIMEOUT_S", 0.3)
     fake.configure(tokens=150, tps=100)
     client.say({"type": "chat", "id": "g1", "conversation_id": "c-slow", "message": "hi"})
     await wait_until(lambda: client.deltas("g1"))

@@ -30,7 +30,7 @@ def test_token_bucket_allows_a_burst_then_refills_at_the_rate() -> None:
         limiter.acquire("a")
     with pytest.raises(ChatError) as refused:
         limiter.acquire("a")
-    assert refused.value.status == 429 and refused.value.code == "rate_limited"
+    assert refused.value.code == "rate_limited" and refused.value.retryable
     assert refused.value.retry_after == pytest.approx(20.0)
     limiter.acquire("b")  # other clients are not affected
     clock.now += 20.0

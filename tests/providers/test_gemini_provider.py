@@ -13,24 +13,22 @@ import pytest
 from upstream import assert_ten_tokens_then_stop, collect, disconnected_at
 
 from chatgate.chat.agents import GENERAL_PROMPT
-from chatgate.config import load_settings
-from chatgate.providers import configuration_problem
+from chatgate.config import ConfigError, load_settings
+from chatgate.providers import build_named_provider, configuration_problem
 from chatgate.providers._http import new_session
 from chatgate.providers.base import (
     Chunk,
-    GenerationOptions,
     ModelNotFound,
-    ProviderError,
     ProviderHTTPError,
     ProviderRequest,
     ProviderStreamError,
     ProviderTimeout,
     ProviderUnavailable,
-    provider_factory,
 )
-from chatgate.providers.gemini import DEFAULT_MODEL, GeminiProvider, api_root
+from chatgate.providers.gemini import DEFAULT_MODEL, GeminiProvider, GeminiSettings, api_root
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM
+from chatgate.vocabulary import GenerationOptions
 
 STREAM_PATH = "/v1beta/models/gemini-test:streamGenerateContent"
 MESSAGES: list[Any] = [
@@ -242,19 +240,22 @@ def test_configuration_needs_an_api_key(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.delenv(name, raising=False)
     settings = load_settings(provider="gemini")
     assert configuration_problem(settings) == "GEMINI_API_KEY: required when CHATGATE_PROVIDER=gemini"
-    with pytest.raises(ProviderError, match="GEMINI_API_KEY"):
-        provider_factory("gemini")(settings, None)
+    with pytest.raises(ConfigError, match=r"^GEMINI_API_KEY: required"):
+        build_named_provider("gemini", settings, None)  # refused before the session is needed
+    assert configuration_problem(load_settings(provider="ollama")) is None, "only the chosen one needs it"
     monkeypatch.setenv("GOOGLE_API_KEY", "from-google-name")
-    assert configuration_problem(load_settings(provider="gemini")) is None
+    settings = load_settings(provider="gemini")
+    assert configuration_problem(settings) is None
+    assert settings.upstream(GeminiSettings).api_key() == "from-google-name"
 
 
 async def test_factory_reads_the_settings(session: aiohttp.ClientSession) -> None:
     settings = load_settings(provider="gemini", gemini_api_key="k", gemini_base_url="http://gemini.lan:9000")
-    provider = provider_factory("gemini")(settings, session)
+    provider = build_named_provider("gemini", settings, session)
     assert isinstance(provider, GeminiProvider)
     assert provider.default_model == DEFAULT_MODEL == "gemini-2.0-flash"
     assert provider.base_url == "http://gemini.lan:9000/v1beta"
-    named = provider_factory("gemini")(load_settings(provider="gemini", gemini_api_key="k", model="gemini-x"), session)
+    named = build_named_provider("gemini", load_settings(gemini_api_key="k", model="gemini-x"), session)
     assert named.default_model == "gemini-x"
 
 

@@ -6,20 +6,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import pytest_asyncio
 
+from chatgate.config import load_settings
+from chatgate.providers import build_named_provider
 from chatgate.providers.base import (
     Chunk,
-    GenerationOptions,
     ProviderError,
     ProviderRequest,
     ProviderUnavailable,
-    provider_factory,
 )
 from chatgate.providers.local import LocalProvider, default_model_path
+from chatgate.vocabulary import GenerationOptions
 
 pytestmark = pytest.mark.slow
 # The model loads once per module, so the tests that share it share one event loop too.
@@ -85,8 +85,8 @@ async def test_check_fails_for_a_missing_file(tmp_path: Path) -> None:
 
 
 async def test_registered_factory_reads_settings() -> None:
-    settings = SimpleNamespace(local_model_path=None, num_ctx=None, temperature=0.3, max_tokens=7)
-    local = provider_factory("local")(settings, None)
+    settings = load_settings(temperature=0.3, max_tokens=7)
+    local = build_named_provider("local", settings, None)  # the embedded model needs no session
     assert isinstance(local, LocalProvider)
     assert local.model_path == default_model_path()
     assert local._n_ctx == 2048

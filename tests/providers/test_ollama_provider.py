@@ -11,11 +11,9 @@ import aiohttp
 import pytest
 from upstream import assert_ten_tokens_then_stop, collect, disconnected_at
 
-from chatgate.config import load_settings
 from chatgate.providers._http import new_session
 from chatgate.providers.base import (
     Chunk,
-    GenerationOptions,
     ModelNotFound,
     ProviderHTTPError,
     ProviderRequest,
@@ -23,9 +21,10 @@ from chatgate.providers.base import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from chatgate.providers.ollama import OllamaProvider
+from chatgate.providers.ollama import OllamaProvider, OllamaSettings
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM
+from chatgate.vocabulary import GenerationOptions
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},
@@ -195,7 +194,7 @@ async def test_check_reports_version_and_address(provider: OllamaProvider, fake:
     ],
 )
 def test_ollama_host_is_normalised(value: str, expected: str) -> None:
-    assert load_settings(ollama_host=value).ollama_host == expected
+    assert OllamaSettings(ollama_host=value).ollama_host == expected
 
 
 @pytest.mark.parametrize(
@@ -205,4 +204,4 @@ def test_ollama_host_is_normalised(value: str, expected: str) -> None:
 def test_ollama_host_with_a_scheme_keeps_that_scheme_default_port(value: str, expected: str) -> None:
     """As Ollama's own client reads OLLAMA_HOST: a scheme without a port means its port
     (443 behind a TLS proxy), not 11434."""
-    assert load_settings(ollama_host=value).ollama_host == expected
+    assert OllamaSettings(ollama_host=value).ollama_host == expected

@@ -17,9 +17,10 @@ import pytest
 import pytest_asyncio
 
 from chatgate.providers._http import new_session
-from chatgate.providers.base import GenerationOptions, ProviderRequest
+from chatgate.providers.base import ProviderRequest
 from chatgate.providers.local import default_model_path
 from chatgate.providers.openai import OpenAIProvider
+from chatgate.vocabulary import GenerationOptions
 
 pytestmark = pytest.mark.slow
 

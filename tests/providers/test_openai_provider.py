@@ -13,7 +13,6 @@ from upstream import assert_ten_tokens_then_stop, collect, disconnected_at
 from chatgate.providers._http import new_session
 from chatgate.providers.base import (
     Chunk,
-    GenerationOptions,
     ModelNotFound,
     ProviderHTTPError,
     ProviderRequest,
@@ -24,6 +23,7 @@ from chatgate.providers.base import (
 from chatgate.providers.openai import OpenAIProvider, api_base
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM
+from chatgate.vocabulary import GenerationOptions
 
 MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},

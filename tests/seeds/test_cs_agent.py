@@ -19,6 +19,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from chatgate.config import load_settings
+from chatgate.providers.ollama import OllamaSettings
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM, RunningGateway, run_gateway
 
@@ -162,7 +163,9 @@ async def test_seed_environment_names_configure_the_gateway(
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
-    assert (settings.ollama_host, settings.model, settings.log_level) == (fake.url, "gpt-oss:20b", "debug")
+    assert (settings.upstream(OllamaSettings).ollama_host, settings.model, settings.log_level) == (
+        fake.url, "gpt-oss:20b", "debug"
+    )
     assert (settings.max_message_bytes, settings.memory_max_turns) == (1024, 2)
     assert (settings.request_timeout_s, settings.connect_timeout_s) == (30.0, 5.0)
     assert settings.cors_origin_list == ["http://localhost:5173", "http://localhost:3000"]

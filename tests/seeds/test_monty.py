@@ -1,4 +1,4 @@
-"""Seed 000, the Monty gateway: its chat.js client works against chatgate unchanged.
+"""Seed 000, the Monty gateway: its browser client works against chatgate unchanged.
 
 The client connects to ``/chat/ws`` (or the alias ``/ws/chat``), sends
 ``{"message", "task_id"}`` and renders ``{"task_id", "event_type", "content"}`` events:
@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from chatgate.chat.agents import GENERAL_PROMPT
 from chatgate.config import load_settings
+from chatgate.providers.ollama import OllamaSettings
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM, RunningGateway, free_port, run_gateway, wait_until
 
@@ -57,7 +58,7 @@ async def test_tokens_stream_as_content_events_and_history_lives_per_connection(
 ) -> None:
     async with connect(gw.ws_url + path) as ws:
         assert_streamed(await ask(ws, {"message": "Who is Chris?", "task_id": "task-1"}), "task-1")
-        # chat.js variants name the text `content` or `prompt`; task ids may be numbers.
+        # Versions of its client name the text `content` or `prompt`; task ids may be numbers.
         assert_streamed(await ask(ws, {"content": "And his work?", "task_id": 2}), 2)
         assert_streamed(await ask(ws, {"prompt": "Summarise.", "task_id": "task-3"}), "task-3")
 
@@ -134,7 +135,7 @@ async def test_seed_environment_names_configure_the_gateway(
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert settings.port == port
-    assert settings.ollama_host == fake.url
+    assert settings.upstream(OllamaSettings).ollama_host == fake.url
     assert settings.model == "llama3.2:latest"
 
     with run_gateway(settings) as gw:
@@ -144,7 +145,8 @@ async def test_seed_environment_names_configure_the_gateway(
 
 
 async def test_chatgate_serve_listens_on_gateway_port(fake: FakeLLM, tmp_path: Path) -> None:
-    """What start-gateway.sh did, with chatgate in its place: the port comes from GATEWAY_PORT."""
+    """What the seed's start script did, with chatgate in its place: the port comes from
+    GATEWAY_PORT."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("CHATGATE_")}
     env |= {"GATEWAY_PORT": str(port), "OLLAMA_HOST": fake.url, "OLLAMA_MODEL": "fake-model",

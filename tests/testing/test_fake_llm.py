@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatgate.testing import fake_llm
+from chatgate.testing import fake_wire
 from chatgate.testing.fake_llm import (
     FakeServer,
     FakeSettings,
@@ -501,7 +501,7 @@ async def test_reset_restores_startup_state(client: httpx.AsyncClient) -> None:
 
 
 async def test_records_keep_only_the_latest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fake_llm, "_MAX_RECORDS", 3)
+    monkeypatch.setattr(fake_wire, "_MAX_RECORDS", 3)
     server = await start_fake_llm(settings=FakeSettings(tokens=1))
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=5.0) as http:

@@ -7,28 +7,27 @@ conversation, the last user message becomes ``Turn.message`` and the rest
 ``Turn.history``, and nothing is stored. ``X-Conversation-Id: <id>`` opts into server
 memory for that conversation.
 
-Errors are raised as :class:`ChatError` (the native codes); each API's route class
-renders them in its own shape, so FastAPI's 422 validation answers never reach these
+Errors are raised as :class:`ChatError` (the native codes) and rendered in each API's own
+shape by :mod:`chatgate.api.errors`, so FastAPI's 422 validation answers never reach these
 clients.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from fastapi import Request, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-from chatgate.api.http import GenerationStream, _cancel_on_disconnect, _first_outcome
-from chatgate.chat.events import ChatError, DoneEvent, ErrorCode, Event
+from chatgate.api.errors import RequestError
+from chatgate.api.limits import SizeLimits
+from chatgate.api.responses import Codec, GenerationResponse, first_outcome, run_to_end
+from chatgate.chat.events import ChatError, DoneEvent, Event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import CONVERSATION_ID, Turn
-from chatgate.providers.base import GenerationOptions, Message, ProviderError
+from chatgate.providers.base import ProviderError
+from chatgate.vocabulary import GenerationOptions, Message
 
 if TYPE_CHECKING:
     from chatgate.gateway import Gateway
@@ -36,54 +35,10 @@ if TYPE_CHECKING:
 AGENT_PREFIX = "agent:"
 CONVERSATION_HEADER = "X-Conversation-Id"
 MAX_CONVERSATION_ID_CHARS = 128
-STATUS_OF_CODE: dict[ErrorCode, int] = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "busy": 409,
-    "too_large": 413,
-    "rate_limited": 429,
-    "internal": 500,
-    "provider_unavailable": 502,
-    "provider_error": 502,
-    "timeout": 502,
-}
-INT32 = 2**31 - 1
-INT64 = 2**63 - 1
 #: Every status these routes answer with besides 200, for the OpenAPI description.
 ERROR_STATUSES = (400, 401, 403, 404, 409, 413, 429, 500, 502)
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class RequestError(ChatError):
-    """A request refused as malformed or unsupported; ``param`` names the field."""
-
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        super().__init__("bad_request", message, status=400)
-        self.param = param
-
-
-def error_route(render: Callable[[ChatError], Response]) -> type[APIRoute]:
-    """A route class answering every :class:`ChatError` its endpoints raise with ``render``."""
-
-    class CompatRoute(APIRoute):
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
-
-            async def handle(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except ChatError as exc:
-                    response = render(exc)
-                    if exc.retry_after is not None:
-                        response.headers["Retry-After"] = str(math.ceil(exc.retry_after))
-                    return response
-
-            return handle
-
-    return CompatRoute
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -136,24 +91,9 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return body
 
 
-class TooLargeBody(BaseModel):
-    """The answer of the body-size middleware, which runs before any route."""
-
-    detail: str
-    code: Literal["too_large"]
-
-
 def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for every error status, each answered with ``model``."""
-    responses: dict[int | str, dict[str, Any]] = {
-        status: {"model": model} for status in ERROR_STATUSES
-    }
-    too_large = {"anyOf": [body_schema(model), body_schema(TooLargeBody)]}
-    responses[413] = {
-        "description": "Too large",
-        "content": {"application/json": {"schema": too_large}},
-    }
-    return responses
+    return {status: {"model": model} for status in ERROR_STATUSES}
 
 
 def openapi_body(
@@ -220,9 +160,9 @@ def make_turn(
     if not messages or messages[-1]["role"] != "user":
         raise RequestError("the last message must be a user message", param="messages")
     message = messages[-1]["content"]
-    limit = gateway_of(request).settings.max_message_bytes
+    limit = SizeLimits.of(gateway_of(request).settings).message_bytes
     if len(message.encode()) > limit:
-        raise ChatError("too_large", f"the last message is larger than {limit} bytes", status=413)
+        raise ChatError("too_large", f"the last message is larger than {limit} bytes")
     history: list[Message] | None = messages[:-1]
     remember = conversation_id is not None
     if remember and sum(m["role"] != "system" for m in messages) <= 1:
@@ -263,63 +203,42 @@ async def upstream_model(gateway: Gateway, name: str) -> str:
     except (ProviderError, OSError, TimeoutError):
         return name  # the upstream cannot say; the first chat will find out
     if not {name, name.removesuffix(":latest"), f"{name}:latest"} & set(known):
-        raise ChatError("not_found", f"model '{name}' not found", status=404)
+        raise ChatError("not_found", f"model '{name}' not found")
     return name
 
 
 # Generations ---------------------------------------------------------------------------
 
 
-def generation_error(event: Event) -> ChatError:
+def _refusal(event: Event) -> ChatError:
+    """A generation that failed before its first token, as an error of the request."""
     assert event["type"] == "error"
-    code = event["code"]
-    return ChatError(code, event["message"], status=STATUS_OF_CODE.get(code, 500))
+    return ChatError(event["code"], event["message"], retryable=event.get("retryable", False))
 
 
-async def first_outcome(
-    request: Request, generation: Generation
-) -> tuple[AsyncIterator[Event], Event]:
-    """Wait for the first delta or the end; a failure until then is an HTTP error.
-    Returns the event iterator, positioned after that first outcome, and the outcome."""
-    events = generation.events()
-    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, generation))
-    try:
-        first = await _first_outcome(events)
-    finally:
-        watcher.cancel()
+async def stream(
+    request: Request, turn: Turn, generation: Generation, codec: Codec, media_type: str, *, start: bool
+) -> Response:
+    """Stream the answer encoded by ``codec``, after the ``start`` event if ``start``; a
+    failure before the first token is an error status in the API's own shape."""
+    index, first = await first_outcome(request.receive, generation)
     if first["type"] == "error":
-        raise generation_error(first)
-    return events, first
+        raise _refusal(first)
+    leading: list[Event] = [generation.start_event(), first] if start else [first]
+    return GenerationResponse(
+        generation, codec, media_type, leading=leading, index=index,
+        headers=conversation_headers(turn, generation),
+    )
 
 
-async def run_to_end(request: Request, generation: Generation) -> DoneEvent:
-    """The whole answer, for non-streaming requests; any failure is an HTTP error."""
-    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, generation))
-    try:
-        async for event in generation.events():
-            if event["type"] == "error":
-                raise generation_error(event)
-            if event["type"] == "done":
-                return event
-    finally:
-        watcher.cancel()
-    raise RuntimeError("generation ended without a terminal event")  # pragma: no cover
+async def answer(request: Request, generation: Generation) -> DoneEvent:
+    """The whole answer, for non-streaming requests; a failure is an error status."""
+    end = await run_to_end(request.receive, generation)
+    if end["type"] == "error":
+        raise _refusal(end)
+    return end
 
 
 def conversation_headers(turn: Turn, generation: Generation) -> dict[str, str]:
     """Only a remembered conversation is worth naming to the client."""
     return {CONVERSATION_HEADER: generation.conversation_id} if turn.remember else {}
-
-
-def stream_response(
-    turn: Turn,
-    generation: Generation,
-    events: AsyncIterator[Event],
-    leading: list[Event],
-    encode: Callable[[Event], bytes],
-    media_type: str,
-) -> GenerationStream:
-    response = GenerationStream(generation, events, leading, encode, media_type)
-    if not turn.remember:
-        del response.headers[CONVERSATION_HEADER]
-    return response

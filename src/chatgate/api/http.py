@@ -4,22 +4,19 @@ metrics and the web page."""
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
-from starlette.types import Receive, Scope, Send
 
-from chatgate import observability as obs
-from chatgate.chat.events import ChatError, Event
-from chatgate.chat.generation import Generation
+from chatgate.api.auth import caller
+from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, error_response
+from chatgate.api.responses import GenerationResponse, first_outcome, run_to_end
+from chatgate.chat.events import ChatError, ErrorEvent, Event
 from chatgate.chat.service import Turn
 from chatgate.providers.base import ProviderError
 
@@ -28,12 +25,6 @@ if TYPE_CHECKING:
 
 router = APIRouter()
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-STATUS_OF_ERROR = {"not_found": 502, "provider_unavailable": 502, "provider_error": 502, "timeout": 502}
-
-
-class ORJSONResponse(JSONResponse):
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -65,88 +56,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def chat_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ChatError)
-        headers = None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(math.ceil(exc.retry_after))}
-        return ORJSONResponse(
-            {"detail": exc.message, "code": exc.code}, status_code=exc.status, headers=headers
-        )
-
-    app.add_exception_handler(ChatError, chat_error)
-
-
-async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    generation.cancel()
-
-
-async def _first_outcome(events: AsyncIterator[Event]) -> Event:
-    """Skip to the first delta, done or error: until then, failures are still HTTP errors."""
-    async for event in events:
-        if event["type"] != "start":
-            return event
-    raise RuntimeError("generation ended without a terminal event")  # pragma: no cover
-
-
-def _error_response(event: Event, conversation_id: str) -> ORJSONResponse:
-    assert event["type"] == "error"
-    status = STATUS_OF_ERROR.get(event["code"], 500)
-    return ORJSONResponse(
-        {"detail": event["message"], "code": event["code"]},
-        status_code=status,
+def _upstream_failure(event: ErrorEvent, conversation_id: str) -> Response:
+    """A generation that failed before its first token: 502, as the Pi Agent contract says."""
+    return error_response(
+        ChatError(event["code"], event["message"], retryable=event.get("retryable", False)),
+        "native",
+        status=UPSTREAM_FAILURE,
         headers={"X-Conversation-Id": conversation_id},
     )
-
-
-class GenerationStream(Response):
-    """Streams a generation's events, encoded by ``encode``; a client that goes away
-    cancels the generation (its partial answer is stored by the chat service)."""
-
-    def __init__(
-        self,
-        generation: Generation,
-        events: AsyncIterator[Event],
-        leading: list[Event],
-        encode: Callable[[Event], bytes],
-        media_type: str,
-    ) -> None:
-        # No body is set, so no Content-Length: the answer goes out chunked.
-        self.status_code = 200
-        self.media_type = media_type
-        self.background = None
-        self.init_headers(
-            {
-                "X-Conversation-Id": generation.conversation_id,
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        self.generation = generation
-        self.events = events
-        self.leading = leading
-        self.encode = encode
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.generation))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            for event in self.leading:
-                body = self.encode(event)
-                if body:
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            async for event in self.events:
-                body = self.encode(event)
-                if body:
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            self.generation.cancel()
-        finally:
-            watcher.cancel()
 
 
 def encode_text(event: Event) -> bytes:
@@ -168,40 +85,36 @@ async def chat(body: ChatBody, request: Request) -> Response:
         message=body.message,
         conversation_id=body.conversation_id,
         agent=body.agent,
-        owner=gateway.auth.identify(request),
+        owner=caller(request),
         client=request.client.host if request.client else None,
     )
     generation = await gateway.service.start(turn)
-    events = generation.events()
+    headers = {"X-Conversation-Id": generation.conversation_id}
     sse = "text/event-stream" in request.headers.get("accept", "")
     if body.stream or sse:
-        watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, generation))
-        try:
-            first = await _first_outcome(events)
-        finally:
-            watcher.cancel()
+        index, first = await first_outcome(request.receive, generation)
         if first["type"] == "error":
-            return _error_response(first, generation.conversation_id)
+            return _upstream_failure(first, generation.conversation_id)
         if sse:
             # Sent only now, the start event can name the model that answered (a fallback).
             leading: list[Event] = [generation.start_event(), first]
-            return GenerationStream(generation, events, leading, encode_sse, "text/event-stream")
-        return GenerationStream(generation, events, [first], encode_text, "text/plain; charset=utf-8")
+            return GenerationResponse(
+                generation, encode_sse, "text/event-stream", leading=leading, index=index, headers=headers
+            )
+        return GenerationResponse(
+            generation, encode_text, "text/plain; charset=utf-8", leading=[first], index=index, headers=headers
+        )
 
-    watcher = asyncio.create_task(_cancel_on_disconnect(request.receive, generation))
-    try:
-        async for event in events:
-            if event["type"] == "error":
-                return _error_response(event, generation.conversation_id)
-    finally:
-        watcher.cancel()
+    end = await run_to_end(request.receive, generation)
+    if end["type"] == "error":
+        return _upstream_failure(end, generation.conversation_id)
     reply = ChatReply(
         reply=generation.text,
         conversation_id=generation.conversation_id,
         model=generation.model,
         provider=gateway.provider.name,
     )
-    return ORJSONResponse(reply.model_dump(), headers={"X-Conversation-Id": generation.conversation_id})
+    return ORJSONResponse(reply.model_dump(), headers=headers)
 
 
 async def _check(probe: Any, limit_s: float) -> dict[str, Any]:
@@ -257,14 +170,14 @@ async def agents(request: Request) -> dict[str, Any]:
 @router.get("/conversations", responses=ERRORS)
 async def list_conversations(request: Request) -> dict[str, Any]:
     gateway = gateway_of(request)
-    infos = await gateway.service.conversations(gateway.auth.identify(request))
+    infos = await gateway.service.conversations(caller(request))
     return {"conversations": [_info(i) for i in infos]}
 
 
 @router.get("/conversations/{conversation_id}", responses=ERRORS)
 async def get_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
     gateway = gateway_of(request)
-    conversation = await gateway.service.conversation(gateway.auth.identify(request), conversation_id)
+    conversation = await gateway.service.conversation(caller(request), conversation_id)
     return {
         **_info(conversation.info),
         "messages": [
@@ -277,7 +190,7 @@ async def get_conversation(conversation_id: str, request: Request) -> dict[str, 
 @router.delete("/conversations/{conversation_id}", status_code=204, responses=ERRORS)
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     gateway = gateway_of(request)
-    await gateway.service.delete(gateway.auth.identify(request), conversation_id)
+    await gateway.service.delete(caller(request), conversation_id)
     return Response(status_code=204)
 
 
@@ -293,8 +206,8 @@ def _info(info: Any) -> dict[str, Any]:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def metrics() -> Response:
-    return Response(generate_latest(obs.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)

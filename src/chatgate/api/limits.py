@@ -1,9 +1,39 @@
-"""Request size limits, enforced before a body is parsed."""
+"""Size limits: all of them derived here from ``CHATGATE_MAX_MESSAGE_BYTES``, and the HTTP
+body limit enforced before a body is parsed."""
 
 from __future__ import annotations
 
-import orjson
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from chatgate.api.errors import error_response, shape_of
+from chatgate.chat.events import ChatError
+
+if TYPE_CHECKING:
+    from chatgate.config import Settings
+
+#: What a body or frame may hold besides its message (ids, options, JSON punctuation).
+ENVELOPE_BYTES = 4096
+#: Clients that resend the conversation each turn (the OpenAI and Ollama APIs, CS_Agent's
+#: frames) may send this many messages' worth.
+HISTORY_FACTOR = 64
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    #: The new message of a turn, on every API.
+    message_bytes: int
+    #: An HTTP body or WebSocket frame carrying one message.
+    body_bytes: int
+    #: A body or frame that carries the client's whole conversation as well.
+    history_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> SizeLimits:
+        message = settings.max_message_bytes
+        return cls(message, message + ENVELOPE_BYTES, HISTORY_FACTOR * message)
 
 
 class BodyTooLarge(Exception):
@@ -19,16 +49,11 @@ class BodySizeLimit:
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        max_bytes: int,
-        *,
-        history_max_bytes: int | None = None,
-        history_prefixes: tuple[str, ...] = ("/v1/", "/api/"),
+        self, app: ASGIApp, limits: SizeLimits, *, history_prefixes: tuple[str, ...] = ("/v1/", "/api/")
     ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
-        self.history_max_bytes = history_max_bytes or max_bytes
+        self.max_bytes = limits.body_bytes
+        self.history_max_bytes = limits.history_bytes
         self.history_prefixes = history_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -39,7 +64,7 @@ class BodySizeLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > limit:
-                    await _too_large(send, limit)
+                    await _too_large(scope, receive, send, limit)
                     return
                 break
         received = 0
@@ -56,7 +81,7 @@ class BodySizeLimit:
                     # own (FastAPI makes any body-reading error a 400), which is then dropped.
                     if not started and not rejected:
                         rejected = True
-                        await _too_large(send, limit)
+                        await _too_large(scope, receive, send, limit)
                     raise BodyTooLarge
             return message
 
@@ -73,13 +98,7 @@ class BodySizeLimit:
             pass
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    body = orjson.dumps({"detail": f"request body larger than {limit} bytes", "code": "too_large"})
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    """413 in the error shape of the API the path belongs to."""
+    refused = ChatError("too_large", f"request body larger than {limit} bytes")
+    await error_response(refused, shape_of(scope["path"]))(scope, receive, send)

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSc
 
 from chatgate import __version__
 from chatgate.api import compat
-from chatgate.api.http import ORJSONResponse
-from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.api.auth import caller
+from chatgate.api.errors import ORJSONResponse, RequestError
+from chatgate.chat.events import DoneEvent, Event
 from chatgate.options import (
     INT32_MAX,
     INT64_MAX,
@@ -36,7 +37,7 @@ from chatgate.options import (
     OptionError,
     parse_options,
 )
-from chatgate.providers.base import GenerationOptions, Message
+from chatgate.vocabulary import GenerationOptions, Message
 
 #: The Ollama release whose API these routes follow; clients gate features on it.
 OLLAMA_API_VERSION = "0.6.0"
@@ -169,11 +170,7 @@ class Version(BaseModel):
     version: str
 
 
-def error_response(exc: ChatError) -> Response:
-    return ORJSONResponse({"error": exc.message}, status_code=exc.status)
-
-
-router = APIRouter(route_class=compat.error_route(error_response))
+router = APIRouter()
 ERRORS = compat.error_responses(ErrorBody)
 ANSWERS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -246,9 +243,9 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     messages = data.get("messages")
     messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
     if data.get("tools") or any(m.get("role") == "tool" for m in messages):
-        raise compat.RequestError("tools are not supported", param="tools")
+        raise RequestError("tools are not supported", param="tools")
     if data.get("images") or any(m.get("images") for m in messages):
-        raise compat.RequestError("images are not supported", param="images")
+        raise RequestError("images are not supported", param="images")
 
 
 def _options(options: dict[str, Any] | None) -> GenerationOptions:
@@ -256,7 +253,7 @@ def _options(options: dict[str, Any] | None) -> GenerationOptions:
     try:
         return parse_options(options)
     except OptionError as exc:
-        raise compat.RequestError(exc.message, param=exc.field) from None
+        raise RequestError(exc.message, param=exc.field) from None
 
 
 async def _answer(
@@ -270,7 +267,7 @@ async def _answer(
     """Chat and generate alike: no message loads the model (Ollama's warm-up request);
     otherwise one turn, streamed as NDJSON or answered as one object."""
     gateway = compat.gateway_of(request)
-    owner = gateway.auth.identify(request)
+    owner = caller(request)
     conversation_id = compat.conversation_id_of(request)
     if not any(m["role"] != "system" for m in messages):
         await compat.upstream_model(gateway, model)
@@ -285,10 +282,8 @@ async def _answer(
     )
     generation = await gateway.service.start(turn)
     if stream:
-        events, first = await compat.first_outcome(request, generation)
-        encode = LineEncoder(model, content)
-        return compat.stream_response(turn, generation, events, [first], encode, NDJSON)
-    done = await compat.run_to_end(request, generation)
+        return await compat.stream(request, turn, generation, LineEncoder(model, content), NDJSON, start=False)
+    done = await compat.answer(request, generation)
     answer = _final(model, content, generation.text, done)
     return ORJSONResponse(answer, headers=compat.conversation_headers(turn, generation))
 
@@ -348,7 +343,6 @@ def _tag(name: str) -> dict[str, Any]:
 @router.get("/api/tags", response_model=Tags, responses=ERRORS)
 async def tags(request: Request) -> Response:
     gateway = compat.gateway_of(request)
-    gateway.auth.identify(request)
     return ORJSONResponse({"models": [_tag(name) for name in await compat.model_names(gateway)]})
 
 
@@ -360,11 +354,10 @@ async def tags(request: Request) -> Response:
 )
 async def show(request: Request) -> Response:
     gateway = compat.gateway_of(request)
-    gateway.auth.identify(request)
     body = compat.validate(ShowRequest, compat.read_json_object(await request.body()))
     name = body.model or body.name
     if name is None:
-        raise compat.RequestError("model is required", param="model")
+        raise RequestError("model is required", param="model")
     base = await compat.upstream_model(gateway, name)
     return ORJSONResponse(
         {

@@ -16,8 +16,9 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from chatgate.api import compat
-from chatgate.api.http import ORJSONResponse
-from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.api.auth import caller
+from chatgate.api.errors import ORJSONResponse, RequestError, openai_error, status_of
+from chatgate.chat.events import DoneEvent, Event
 from chatgate.options import (
     INT32_MAX,
     INT64_MAX,
@@ -31,7 +32,7 @@ from chatgate.options import (
     OptionError,
     parse_options,
 )
-from chatgate.providers.base import GenerationOptions, Message, Role
+from chatgate.vocabulary import GenerationOptions, Message, Role
 
 # Wire models -------------------------------------------------------------------------
 
@@ -147,26 +148,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-# Errors ------------------------------------------------------------------------------
-
-_OPENAI_CODES = {"not_found": "model_not_found", "unauthorized": "invalid_api_key"}
-
-
-def error_response(exc: ChatError) -> Response:
-    param = exc.param if isinstance(exc, compat.RequestError) else None
-    if exc.code == "not_found":
-        param = "model"
-    return ORJSONResponse(
-        {"error": _error_detail(exc.code, exc.message, exc.status, param)}, status_code=exc.status
-    )
-
-
-def _error_detail(code: str, message: str, status: int, param: str | None = None) -> dict[str, Any]:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"message": message, "type": kind, "param": param, "code": _OPENAI_CODES.get(code, code)}
-
-
-router = APIRouter(route_class=compat.error_route(error_response))
+router = APIRouter()
 ERRORS = compat.error_responses(ErrorBody)
 
 
@@ -177,20 +159,20 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
     """Clear refusals for what chatgate does not do, before the schema's generic ones."""
     n = data.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        raise compat.RequestError("n > 1 is not supported: chatgate returns one choice", param="n")
+        raise RequestError("n > 1 is not supported: chatgate returns one choice", param="n")
     for field in ("tools", "functions"):
         if data.get(field):
-            raise compat.RequestError("tools and function calling are not supported", param=field)
+            raise RequestError("tools and function calling are not supported", param=field)
     messages = data.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue
         if message.get("role") in ("tool", "function"):
-            raise compat.RequestError("tool messages are not supported", param=f"messages.{i}.role")
+            raise RequestError("tool messages are not supported", param=f"messages.{i}.role")
         content = message.get("content")
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and part.get("type") != "text":
-                raise compat.RequestError(
+                raise RequestError(
                     f"only text content is supported, not {part.get('type')!r}",
                     param=f"messages.{i}.content",
                 )
@@ -213,7 +195,7 @@ def _options(data: dict[str, Any]) -> GenerationOptions:
     try:
         return parse_options({name: data.get(name) for name in SAMPLING_FIELDS}, where="")
     except OptionError as exc:
-        raise compat.RequestError(exc.message, param=exc.field) from None
+        raise RequestError(exc.message, param=exc.field) from None
 
 
 def _finish_reason(done: DoneEvent) -> str:
@@ -258,9 +240,7 @@ class ChunkEncoder:
             return self.prefix + b'{"role":"assistant","content":""}' + self.suffix
         if event["type"] == "done":
             return self._finish(event)
-        detail = _error_detail(
-            event["code"], event["message"], compat.STATUS_OF_CODE.get(event["code"], 500)
-        )
+        detail = openai_error(event["code"], event["message"], status_of(event["code"]))
         return b"data: " + orjson.dumps({"error": detail}) + b"\n\n"
 
     def _finish(self, done: DoneEvent) -> bytes:
@@ -299,7 +279,7 @@ class ChunkEncoder:
 )
 async def chat_completions(request: Request) -> Response:
     gateway = compat.gateway_of(request)
-    owner = gateway.auth.identify(request)
+    owner = caller(request)
     data = compat.read_json_object(await request.body())
     _refuse_unsupported(data)
     body = compat.validate(
@@ -317,15 +297,11 @@ async def chat_completions(request: Request) -> Response:
     completion_id = "chatcmpl-" + generation.id
     created = int(time.time())
     if body.stream:
-        events, first = await compat.first_outcome(request, generation)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         encode = ChunkEncoder(completion_id, body.model, created, include_usage)
-        leading: list[Event] = [generation.start_event(), first]
-        return compat.stream_response(
-            turn, generation, events, leading, encode, "text/event-stream"
-        )
+        return await compat.stream(request, turn, generation, encode, "text/event-stream", start=True)
 
-    done = await compat.run_to_end(request, generation)
+    done = await compat.answer(request, generation)
     completion = {
         "id": completion_id,
         "object": "chat.completion",
@@ -348,7 +324,6 @@ async def chat_completions(request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request) -> Response:
     gateway = compat.gateway_of(request)
-    gateway.auth.identify(request)
     owner = gateway.provider.name
     data = [
         {

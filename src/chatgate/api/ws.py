@@ -2,15 +2,13 @@
 
 One :class:`Connection` class serves every dialect (:mod:`chatgate.api.dialects`): its
 receive loop hands each frame to the dialect's decoder and carries out the native command
-that comes back. The generations streaming to the socket tell it when their logs grow
-(:meth:`Generation.subscribe`); it then flushes once, on the event loop's next turn,
-encoding every new event in the dialect and writing the frames straight away, so there is
-no task switch per token, and the tokens that arrived in the meantime have joined one delta.
-A frame that cannot be written at once (the client reads slowly) waits in the connection's
-outbox, in order, drained by one task, and a client that takes longer than
-``SEND_TIMEOUT_S`` for a frame is disconnected. When the socket drops, running generations
-are not cancelled at once: they are orphaned for the resume grace period, so a client that
-reconnects can ``resume`` them, and cancelled when nobody does.
+that comes back. The generations it starts or resumes go to the client through the
+runner every protocol shares (:mod:`chatgate.api.delivery`): flushed on the loop's next
+turn, encoded by the dialect, written straight to the server's ASGI ``send``, and a
+client that takes no frame for ``SEND_TIMEOUT_S`` is disconnected (close code 1013). When
+the socket drops, running generations are not cancelled at once: they are orphaned for
+the resume grace period, so a client that reconnects can ``resume`` them, and cancelled
+when nobody does.
 
 The native protocol starts each turn as its frame arrives (a second turn in a busy
 conversation is refused as ``busy``). The seed dialects' clients were written for servers
@@ -36,15 +34,15 @@ import logging
 import re
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Coroutine
-from typing import TYPE_CHECKING, Any, assert_never
+from typing import TYPE_CHECKING, assert_never
 from urllib.parse import urlparse
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from chatgate import observability as obs
+from chatgate.api.auth import caller, refusal
+from chatgate.api.delivery import Follower, Outbox
 from chatgate.api.dialects import Dialect, DialectFactory, Peer, dialect_named, first_frame
 from chatgate.api.dialects.base import (
     Cancel,
@@ -58,8 +56,9 @@ from chatgate.api.dialects.base import (
     Resume,
     bad,
 )
-from chatgate.chat.events import ChatError, error_event
-from chatgate.chat.generation import Generation, seen_before
+from chatgate.api.limits import SizeLimits
+from chatgate.chat.events import ChatError, Event, error_event
+from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 
 if TYPE_CHECKING:
@@ -67,8 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("chatgate.ws")
 
-#: A client whose socket accepts no frame for this long is disconnected, not buffered.
-SEND_TIMEOUT_S = 10.0
 #: Seed dialects answer messages one after another: at most this many wait behind the
 #: one being answered; more are refused with an error frame in the dialect's shape.
 MAX_QUEUED_TURNS = 8
@@ -89,30 +86,15 @@ def origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
     return urlparse(origin).netloc == websocket.headers.get("host", "")
 
 
-@dataclasses.dataclass(slots=True)
-class _Following:
-    """How far the socket has read one generation's log, and what the client had already."""
-
-    generation: Generation
-    index: int = 0
-    after: int | None = None
-
-
 class Connection:
     def __init__(self, websocket: WebSocket, peer: Peer, dialect: Dialect) -> None:
         self.websocket = websocket
-        self._asgi_send = websocket._send
         self.peer = peer
         self.gateway = peer.gateway
         self.dialect = dialect
-        self.following: dict[str, _Following] = {}
-        self._ready: dict[str, _Following] = {}
-        self._flush_scheduled = False
-        self._loop = asyncio.get_running_loop()  # kept: each get_running_loop() calls getpid()
-        self._outbox: deque[dict[str, Any]] = deque()
-        self._drainer: asyncio.Task[None] | None = None
+        self.outbox = Outbox(websocket._send, on_drained=self._caught_up, on_stuck=self._stuck)
+        self.follower = Follower(self.outbox, self._deliver)
         self._closing: asyncio.Task[None] | None = None
-        self._broken = False
         #: Seed dialects' commands waiting for the answer before them to end, in order.
         self._backlog: deque[Chat | ClearHistory] = deque()
         self._turns: asyncio.Task[None] | None = None
@@ -180,7 +162,7 @@ class Connection:
                 assert_never(command)
 
     async def _start(self, turn: Turn, *, wait: bool = False) -> Generation:
-        limit = self.gateway.settings.max_message_bytes
+        limit = SizeLimits.of(self.gateway.settings).message_bytes
         if len(turn.message) * 4 > limit and len(turn.message.encode()) > limit:
             # Frames may carry history besides the message (CS_Agent); the message has its own cap.
             raise ChatError("too_large", f"message larger than {limit} bytes")
@@ -206,7 +188,7 @@ class Connection:
 
     async def _answer_in_order(self) -> None:
         try:
-            while self._backlog and not self._broken:
+            while self._backlog and not self.outbox.broken:
                 try:
                     await self._answer(self._backlog[0])
                 finally:
@@ -244,106 +226,38 @@ class Connection:
         self._follow(generation, after=after)  # also on the socket already following it: replay
 
     def _follow(self, generation: Generation, after: int | None) -> None:
-        following = _Following(generation, after=after)
-        self.following[generation.id] = following
-        self._ready.pop(generation.id, None)
-        generation.subscribe(self._grown)
-        self._grown(generation)
+        self.follower.follow(generation, after=after)
 
-    def _grown(self, generation: Generation) -> None:
-        """A followed generation logged an event: flush on the loop's next turn."""
-        following = self.following.get(generation.id)
-        if following is None:
-            return
-        self._ready[generation.id] = following
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._drainer is not None:
-            return  # a slow client: its tokens wait in the logs, joining fewer, larger deltas
-        ready, self._ready = self._ready, {}
-        for following in ready.values():
-            generation = following.generation
-            events = generation.read_from(following.index)
-            following.index += len(events)
-            for event in events:
-                if seen_before(event, following.after):
-                    continue
-                try:
-                    self._push(event, generation)
-                except Exception:
-                    log.exception("encoding an event failed", extra={"request_id": generation.id})
-                if event["type"] in ("done", "error"):
-                    generation.unsubscribe(self._grown)
-                    self.following.pop(generation.id, None)
+    def _deliver(self, event: Event, generation: Generation) -> None:
+        self._push(event, generation)
 
     async def emit(self, event: Outgoing, generation: Generation | None = None) -> None:
         """Send ``event`` in the connection's dialect."""
-        if self._broken:
+        if self.outbox.broken:
             raise WebSocketDisconnect(1006)
         self._push(event, generation)
 
     async def send(self, frame: Frame) -> None:
         """Send one frame as it is (a dialect's own reply)."""
-        if self._broken:
+        if self.outbox.broken:
             raise WebSocketDisconnect(1006)
-        self._write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+        self.outbox.write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
 
     def _push(self, event: Outgoing, generation: Generation | None) -> None:
         for frame in self.dialect.encode(event, generation):
-            self._write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+            self.outbox.write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
 
-    def _write(self, message: dict[str, Any]) -> None:
-        """Hand ``message`` to the server now if nothing is queued before it.
+    def _caught_up(self) -> None:
+        self.follower.resume()
 
-        The server's ``send`` is a coroutine that, while the socket accepts data, writes and
-        returns without ever waiting; it is run here up to its first wait, and only if it
-        does wait (the client is slow) does a task take over, finishing it and then draining
-        the outbox."""
-        if self._broken:
-            return
-        if self._drainer is not None:
-            self._outbox.append(message)
-            return
-        sending = self._asgi_send(message)
-        rest: Awaitable[None] = sending
-        if isinstance(sending, Coroutine):
-            try:
-                waiting_on = sending.send(None)
-            except StopIteration:
-                return
-            except OSError:
-                self._broken = True
-                return
-            rest = _finish(sending, waiting_on)
-        self._drainer = asyncio.create_task(self._drain(rest))
-
-    async def _drain(self, first: Awaitable[None]) -> None:
-        try:
-            async with asyncio.timeout(SEND_TIMEOUT_S):
-                await first
-            while self._outbox and not self._broken:
-                async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await self._asgi_send(self._outbox.popleft())
-            if self._ready and not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._loop.call_soon(self._flush)
-        except TimeoutError:
-            log.warning("client too slow; disconnecting", extra={"owner": self.peer.owner})
-            self._broken = True
-            self._outbox.clear()
-            self._unfollow()
-            # The close frame waits behind the same full buffer; the server's keep-alive ping
-            # ends the connection if the client never reads again.
-            self._closing = asyncio.create_task(self._close(1013))
-        except OSError:
-            self._broken = True
-            self._outbox.clear()
-        finally:
-            self._drainer = None
+    def _stuck(self) -> None:
+        """The client took no frame for the send timeout: let it go; its generations are
+        orphaned, so it can resume them from a new socket."""
+        log.warning("client too slow; disconnecting", extra={"owner": self.peer.owner})
+        self._unfollow()
+        # The close frame waits behind the same full buffer; the server's keep-alive ping
+        # ends the connection if the client never reads again.
+        self._closing = asyncio.create_task(self._close(1013))
 
     async def _close(self, code: int) -> None:
         with contextlib.suppress(Exception):
@@ -353,47 +267,15 @@ class Connection:
         """Stop following every generation; those still running are orphaned, so a new
         socket can resume them within the grace period."""
         grace = self.gateway.settings.resume_grace_s
-        for following in self.following.values():
-            generation = following.generation
-            generation.unsubscribe(self._grown)
-            if not generation.finished:
-                self.gateway.service.orphan(generation, grace)
-        self.following.clear()
-        self._ready.clear()
+        for generation in self.follower.stop():
+            self.gateway.service.orphan(generation, grace)
 
     def _detach(self) -> None:
-        self._broken = True
-        self._outbox.clear()
+        self.outbox.close()
         self._backlog.clear()
-        if self._drainer is not None:
-            self._drainer.cancel()
         if self._turns is not None:
             self._turns.cancel()
         self._unfollow()
-
-
-async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    """Run a coroutine that was started by hand and is now waiting on ``waiting_on`` (what
-    its first ``send(None)`` returned) to its end, as a task would have."""
-    while True:
-        try:
-            if waiting_on is None:  # a bare yield: let the loop run once
-                await asyncio.sleep(0)
-            else:
-                # The future was yielded to us as to a task, which takes it by clearing this
-                # flag (asyncio's protocol between futures and tasks); then it may be awaited.
-                waiting_on._asyncio_future_blocking = False
-                await waiting_on
-        except BaseException as exc:  # passed into the coroutine, as a task would
-            try:
-                waiting_on = coroutine.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            waiting_on = coroutine.send(None)
-        except StopIteration:
-            return
 
 
 def _request_id(command: Command | None) -> str | None:
@@ -433,18 +315,18 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
         await websocket.close(code=1013, reason="too many connections")
         return
     gateway.websockets_open += 1
-    obs.WS_CONNECTIONS.inc()
+    gateway.metrics.websocket_opened()
     try:
-        try:
-            peer.owner = gateway.auth.identify(websocket)
-        except ChatError as exc:
-            await connection.emit(exc.event())
-            await websocket.close(code=1008, reason=exc.message[:120])
+        refused = refusal(websocket)
+        if refused is not None:
+            await connection.emit(refused.event())
+            await websocket.close(code=1008, reason=refused.message[:120])
             return
+        peer.owner = caller(websocket)
         await connection.run()
     finally:
         gateway.websockets_open -= 1
-        obs.WS_CONNECTIONS.dec()
+        gateway.metrics.websocket_closed()
 
 
 _EXACT_PATHS = {path: factory for path, factory in PATH_DIALECTS.items() if "{" not in path}

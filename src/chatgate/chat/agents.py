@@ -16,7 +16,7 @@ from typing import Any
 
 from chatgate.chat.events import ChatError
 from chatgate.options import OptionError, parse_options
-from chatgate.providers.base import GenerationOptions
+from chatgate.vocabulary import GenerationOptions
 
 GENERAL_PROMPT = (
     "You are a helpful, honest assistant. Answer clearly and concisely; "
@@ -52,7 +52,7 @@ class AgentRegistry:
             return self._agents[key]
         except KeyError:
             known = ", ".join(self.names())
-            raise ChatError("not_found", f"unknown agent {name!r}; known agents: {known}", status=404) from None
+            raise ChatError("not_found", f"unknown agent {name!r}; known agents: {known}") from None
 
     def names(self) -> list[str]:
         return ["general", *sorted(n for n in self._agents if n != "general")]

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Literal, TypedDict
 
 from chatgate.providers.base import (
-    FinishReason,
     ModelNotFound,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
 )
+from chatgate.vocabulary import FinishReason
 
 ErrorCode = Literal[
     "bad_request", "too_large", "unauthorized", "forbidden", "not_found", "rate_limited",
@@ -84,23 +84,20 @@ def provider_error_code(exc: ProviderError) -> ErrorCode:
 
 
 class ChatError(Exception):
-    """A turn refused before it starts; ``code`` is the native error code."""
-
-    status: int = 400
+    """A request refused; ``code`` is the native error code, which each protocol renders
+    in its own terms (an HTTP status and body, an ``error`` frame)."""
 
     def __init__(
         self,
         code: ErrorCode,
         message: str,
         *,
-        status: int = 400,
         retryable: bool = False,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
-        self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
 

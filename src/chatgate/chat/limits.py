@@ -33,7 +33,6 @@ class RateLimiter:
             raise ChatError(
                 "rate_limited",
                 f"rate limit reached; retry in {retry_after:.1f} s",
-                status=429,
                 retryable=True,
                 retry_after=retry_after,
             )
@@ -66,7 +65,6 @@ class StreamCounter:
             raise ChatError(
                 "rate_limited",
                 f"at most {self.limit} replies may stream at once per client",
-                status=429,
                 retryable=True,
             )
         self._active[client] = count + 1

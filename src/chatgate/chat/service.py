@@ -13,25 +13,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from chatgate import observability as obs
 from chatgate.chat.agents import Agent, AgentRegistry
-from chatgate.chat.events import ChatError, DoneEvent, Event, error_event, provider_error_code
+from chatgate.chat.events import ChatError, DoneEvent, ErrorEvent, error_event, provider_error_code
 from chatgate.chat.generation import Generation
+from chatgate.chat.lifecycle import GenerationObserver, Observers
 from chatgate.chat.limits import RateLimiter, StreamCounter
-from chatgate.providers.base import (
-    Chunk,
-    FinishReason,
-    GenerationOptions,
-    Message,
-    Provider,
-    ProviderError,
-    ProviderRequest,
-    Usage,
-)
+from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest
 from chatgate.store.base import Conversation, ConversationInfo, ConversationStore, StoredMessage
+from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
 
 log = logging.getLogger("chatgate.chat")
 #: Conversation ids travel in headers (X-Conversation-Id) and URL paths: URL-safe
@@ -115,6 +107,7 @@ class ChatService:
         max_streams_per_client: int = 0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        observers: Sequence[GenerationObserver] = (),
     ) -> None:
         self.provider = provider
         self.store = store
@@ -128,6 +121,7 @@ class ChatService:
         self._wall_clock = wall_clock
         self._rate_limiter = rate_limiter
         self._streams = StreamCounter(max_streams_per_client)
+        self._observers = Observers(observers)
         #: Running and recently finished generations by (namespace, id).
         self._generations: dict[tuple[str, str], Generation] = {}
         #: Anonymous generations with client-chosen ids whose socket dropped, by id.
@@ -156,7 +150,7 @@ class ChatService:
                 or self._orphans.get(generation_id)
             )
         if found is None:
-            raise ChatError("not_found", f"no generation {generation_id!r}", status=404)
+            raise ChatError("not_found", f"no generation {generation_id!r}")
         return found
 
     def orphan(self, generation: Generation, grace_s: float) -> None:
@@ -244,13 +238,15 @@ class ChatService:
         generation.task = asyncio.create_task(
             self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
         )
+        generation.task.add_done_callback(lambda _: self._settle(generation))
+        self._observers.started(generation)
         return generation
 
     async def _wait_for_conversation(self, key: str, *, wait: bool) -> None:
         while (running := self._by_conversation.get(key)) is not None:
             if not wait:
                 raise ChatError(
-                    "busy", "a generation is already running in this conversation", status=409, retryable=True
+                    "busy", "a generation is already running in this conversation", retryable=True
                 )
             if running.orphan_timer is not None:
                 # Nobody follows it (its socket dropped) and this client moved on: stop it
@@ -333,27 +329,29 @@ class ChatService:
         first_token_at: float | None = None
         usage: Usage | None = None
         reason: FinishReason = "stop"
-        end: Event
+        end: ErrorEvent
+        observers = self._observers
+        wants_tokens = observers.wants_tokens  # decided once: no per-token cost without them
         try:
             async for chunk in self._stream_with_fallback(generation, request):
                 if chunk.text:
                     if first_token_at is None:
                         first_token_at = self._clock()
-                        obs.TTFT.labels(self.provider.name).observe(first_token_at - started)
+                        observers.first_token(generation, first_token_at - started)
                     generation.emit_delta(chunk.text)
+                    if wants_tokens:
+                        observers.token(generation, chunk.text)
                 if chunk.finish_reason is not None:
                     reason = chunk.finish_reason
                     usage = chunk.usage
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             reason = "cancelled"
             if not generation.cancel_requested:
                 # Not a client's cancel: the process is stopping. End the followers' wait.
                 self._release(generation)
-                generation.finish(error_event("internal", "the gateway is shutting down", id=generation.id,
-                                              retryable=True))
+                self._conclude(generation, _shutting_down(generation), exc)
                 raise
         except ProviderError as exc:
-            obs.GENERATIONS.labels(self.provider.name, "error").inc()
             log.warning(
                 "generation failed",
                 extra={"request_id": generation.id, "conversation_id": generation.conversation_id,
@@ -363,16 +361,14 @@ class ChatService:
             # retryability is the upstream error's own.
             retryable = exc.retryable or generation.tokens > 0
             end = error_event(provider_error_code(exc), exc.message, id=generation.id, retryable=retryable)
-            await self._end(generation, turn, remember, end, partial=True)
+            await self._end(generation, turn, remember, end, partial=True, exc=exc)
             return
         except Exception as exc:
             log.exception("generation crashed", extra={"request_id": generation.id})
             end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
-            await self._end(generation, turn, remember, end, partial=True)
+            await self._end(generation, turn, remember, end, partial=True, exc=exc)
             return
         ended = self._clock()
-        obs.GENERATIONS.labels(self.provider.name, reason).inc()
-        obs.TOKENS.labels(self.provider.name).inc(generation.tokens)
         completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
         done: DoneEvent = {
             "type": "done",
@@ -425,7 +421,14 @@ class ChatService:
         raise last_error
 
     async def _end(
-        self, generation: Generation, turn: Turn, remember: bool, end: Event, *, partial: bool
+        self,
+        generation: Generation,
+        turn: Turn,
+        remember: bool,
+        end: DoneEvent | ErrorEvent,
+        *,
+        partial: bool,
+        exc: BaseException | None = None,
     ) -> None:
         generation.ending = True  # a cancel from now on would cut the write, not the answer
         try:
@@ -435,7 +438,37 @@ class ChatService:
             log.exception("could not store the answer", extra={"request_id": generation.id})
         finally:
             self._release(generation)
-            generation.finish(end)
+            self._conclude(generation, end, exc)
+
+    def _conclude(self, generation: Generation, end: DoneEvent | ErrorEvent, exc: BaseException | None) -> None:
+        """Tell the observers how the generation ended, then log its terminal event.
+
+        The one place a generation ends, so its end hook fires exactly once. Observers go
+        first: a client that has seen the end, and looks at the metrics, finds it counted."""
+        self._observers.ended(generation, end, exc)
+        generation.finish(end)
+
+    def _settle(self, generation: Generation) -> None:
+        """End a generation whose task was cancelled before it ran a line of :meth:`_run`
+        (a cancel, a cleared conversation or a shutdown right after the start), which
+        therefore never ended it: otherwise its conversation would stay busy, its
+        followers would wait forever and its observers would never hear of its end.
+        Nothing is stored: the turn never reached the upstream. Every other generation
+        has ended by the time its task is done, and this does nothing."""
+        if generation.finished:
+            return
+        self._release(generation)
+        if generation.cancel_requested:
+            cancelled: DoneEvent = {
+                "type": "done",
+                "id": generation.id,
+                "finish_reason": "cancelled",
+                "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+                "timings": {"ttft_ms": None, "total_ms": 0.0},
+            }
+            self._conclude(generation, cancelled, None)
+        else:
+            self._conclude(generation, _shutting_down(generation), None)
 
     def _release(self, generation: Generation) -> None:
         """Free the conversation for its next turn; keep the log a while for resumes."""
@@ -461,6 +494,10 @@ class ChatService:
         )
 
 
+def _shutting_down(generation: Generation) -> ErrorEvent:
+    return error_event("internal", "the gateway is shutting down", id=generation.id, retryable=True)
+
+
 def _scoped(scope: str | None) -> str:
     return f"{ANONYMOUS}{scope}"
 
@@ -472,4 +509,4 @@ def _as_seen_by(owner: str | None, info: ConversationInfo) -> ConversationInfo:
 
 
 def _no_conversation(conversation_id: str) -> ChatError:
-    return ChatError("not_found", f"no conversation {conversation_id!r}", status=404)
+    return ChatError("not_found", f"no conversation {conversation_id!r}")

@@ -14,46 +14,32 @@ the adapters knows which upstream it is talking to::
 
 ``retryable`` says whether the *same* request may succeed if sent again; whether it is
 sent again is the chat service's decision (only before the first token).
+
+An adapter module declares its :class:`ProviderSettings` and registers its factory with
+:func:`register_provider`; :mod:`chatgate.providers` loads the settings and builds the
+chosen provider from them.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, NamedTuple, Protocol, TypedDict, runtime_checkable
+from types import MappingProxyType
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    NamedTuple,
+    Protocol,
+    TypeAlias,
+    TypeVar,
+    runtime_checkable,
+)
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+import aiohttp
 
-
-class Message(TypedDict):
-    role: Role
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationOptions:
-    """Sampling options, named once here; each adapter maps them to its wire names. A
-    client's options are read and range-checked by :func:`chatgate.options.parse_options`."""
-
-    temperature: float | None = None
-    max_tokens: int | None = None
-    num_ctx: int | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def merged(self, override: GenerationOptions | None) -> GenerationOptions:
-        """Options of ``override`` win where they are set."""
-        if override is None:
-            return self
-        values = {
-            name: getattr(override, name)
-            if getattr(override, name) not in (None, ())
-            else getattr(self, name)
-            for name in self.__dataclass_fields__
-        }
-        return GenerationOptions(**values)
+from chatgate.config import ConfigError, EnvironmentSettings, Settings
+from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +47,6 @@ class ProviderRequest:
     messages: list[Message]
     model: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class Chunk(NamedTuple):
@@ -144,20 +124,82 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-ProviderFactory = Callable[..., Provider]
-_REGISTRY: dict[str, ProviderFactory] = {}
+class ProviderSettings(EnvironmentSettings):
+    """What one adapter reads from the environment, declared in its own module and read
+    from the same sources as :class:`chatgate.config.Settings`. A value that is wrong
+    whichever provider is chosen fails its field validator when the settings load; what
+    only the chosen provider needs is :meth:`problem`."""
+
+    def problem(self) -> str | None:
+        """Why this provider, once chosen, cannot be built: one line naming the variable
+        to set (or what to install); None when it can."""
+        return None
 
 
-def register_provider(name: str) -> Callable[[ProviderFactory], ProviderFactory]:
-    def decorate(factory: ProviderFactory) -> ProviderFactory:
-        _REGISTRY[name] = factory
+@dataclass(frozen=True, slots=True)
+class ProviderDefaults:
+    """What every adapter is given besides its own settings: the gateway's default model
+    (None: the adapter's own) and generation options."""
+
+    model: str | None = None
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+
+AdapterSettings = TypeVar("AdapterSettings", bound=ProviderSettings)
+ProviderFactory: TypeAlias = Callable[
+    [AdapterSettings, ProviderDefaults, aiohttp.ClientSession], Provider
+]
+
+
+@dataclass(frozen=True)
+class Registration(Generic[AdapterSettings]):
+    """A provider as registered: its name, its settings class and the factory that builds
+    it from an instance of them."""
+
+    name: str
+    settings: type[AdapterSettings]
+    factory: ProviderFactory[AdapterSettings]
+
+    def build(
+        self, upstream: AdapterSettings, defaults: ProviderDefaults, session: aiohttp.ClientSession
+    ) -> Provider:
+        """The provider, or ConfigError with the line of :meth:`ProviderSettings.problem`."""
+        problem = upstream.problem()
+        if problem is not None:
+            raise ConfigError(problem)
+        return self.factory(upstream, defaults, session)
+
+
+_REGISTRY: dict[str, Registration[Any]] = {}
+#: Not a provider: ``CHATGATE_PROVIDER=auto`` lets :func:`chatgate.providers.choose_provider` pick.
+AUTO = "auto"
+
+
+def register_provider(
+    name: str, *, settings: type[AdapterSettings]
+) -> Callable[[ProviderFactory[AdapterSettings]], ProviderFactory[AdapterSettings]]:
+    """Make the decorated factory provider ``name``, configured by ``settings``.
+
+    Field names are unique across :class:`chatgate.config.Settings` and every provider's
+    settings, because :func:`chatgate.config.load_settings` routes an override by its name
+    alone; a clash fails here, when the adapter is imported."""
+
+    def decorate(factory: ProviderFactory[AdapterSettings]) -> ProviderFactory[AdapterSettings]:
+        owners = dict.fromkeys(Settings.model_fields, Settings.__name__)
+        for registered in _REGISTRY.values():
+            owners.update(dict.fromkeys(registered.settings.model_fields, registered.settings.__name__))
+        clashes = [f"{taken} (also in {owners[taken]})" for taken in settings.model_fields if taken in owners]
+        if name == AUTO or name in _REGISTRY or clashes:
+            raise ValueError(
+                f"cannot register provider {name!r}: "
+                + ("; ".join(clashes) if clashes else "the name is taken")
+            )
+        _REGISTRY[name] = Registration(name, settings, factory)
         return factory
 
     return decorate
 
 
-def provider_factory(name: str) -> ProviderFactory:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown provider {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+def registered_providers() -> Mapping[str, Registration[Any]]:
+    """Every registered provider by name (the adapters register when imported)."""
+    return MappingProxyType(_REGISTRY)

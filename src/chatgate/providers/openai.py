@@ -8,20 +8,21 @@ from urllib.parse import urlparse
 
 import aiohttp
 import orjson
+from pydantic import AliasChoices, Field, SecretStr
 
+from chatgate.config import ConfigError
 from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
-    FinishReason,
-    GenerationOptions,
     ModelNotFound,
-    ProviderError,
+    ProviderDefaults,
     ProviderHTTPError,
     ProviderRequest,
+    ProviderSettings,
     ProviderStreamError,
-    Usage,
     register_provider,
 )
+from chatgate.vocabulary import FinishReason, GenerationOptions, Usage
 
 
 def openai_options(options: GenerationOptions) -> dict[str, Any]:
@@ -138,15 +139,29 @@ class OpenAIProvider:
         return None
 
 
-@register_provider("openai")
-def _from_settings(settings: Any, session: aiohttp.ClientSession) -> OpenAIProvider:
+_BASE_URL_REQUIRED = "CHATGATE_OPENAI_BASE_URL: required when CHATGATE_PROVIDER=openai"
+
+
+class OpenAISettings(ProviderSettings):
+    openai_base_url: str | None = Field(None, validation_alias=AliasChoices("CHATGATE_OPENAI_BASE_URL"))
+    openai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("CHATGATE_OPENAI_API_KEY"))
+
+    def problem(self) -> str | None:
+        """There is no default server to talk to."""
+        return None if self.openai_base_url else _BASE_URL_REQUIRED
+
+
+@register_provider("openai", settings=OpenAISettings)
+def _from_settings(
+    settings: OpenAISettings, defaults: ProviderDefaults, session: aiohttp.ClientSession
+) -> OpenAIProvider:
     if not settings.openai_base_url:
-        raise ProviderError("CHATGATE_OPENAI_BASE_URL must be set for the openai provider")
+        raise ConfigError(_BASE_URL_REQUIRED)
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     return OpenAIProvider(
         settings.openai_base_url,
         key,
         session,
-        default_model=settings.model or "gpt-4o-mini",
-        default_options=settings.generation_options,
+        default_model=defaults.model or "gpt-4o-mini",
+        default_options=defaults.options,
     )

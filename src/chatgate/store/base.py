@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 from urllib.parse import urlparse
 
-from chatgate.providers.base import Role
+from chatgate.vocabulary import Role
 
 Clock = Callable[[], float]
 

@@ -17,7 +17,6 @@ from typing import Any, cast
 
 import aiosqlite
 
-from chatgate.providers.base import Role
 from chatgate.store.base import (
     Clock,
     Conversation,
@@ -27,6 +26,7 @@ from chatgate.store.base import (
     register_store,
 )
 from chatgate.store.memory import title_of
+from chatgate.vocabulary import Role
 
 URL_PREFIX = "sqlite:///"
 MEMORY_PATH = ":memory:"

@@ -16,7 +16,7 @@ without one the answer is 403 ``PERMISSION_DENIED``, and a key starting with ``i
 ``{"error": {"code", "message", "status"}}``. A body without ``contents``, or with a role other
 than ``user`` and ``model``, is refused with 400 the way Gemini refuses it.
 
-Pacing, faults and the request record are the fake's own (see ``fake_llm``); an ``error_line``
+Pacing, faults and the request record are the fake's own (see ``fake_wire``); an ``error_line``
 fault is an in-stream ``data: {"error": …}`` event, ``missing-*`` models are 404 ``NOT_FOUND``,
 and a ``blocked-*`` model stops its answer with ``finishReason: SAFETY`` after its tokens.
 """
@@ -28,17 +28,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from chatgate.testing.fake_llm import (
-    _STATE,
-    _TOKEN_JSON,
-    _Dialect,
-    _Frames,
-    _json,
-    _token_limit,
-    _Turn,
-    _turn_handler,
-    _words,
+from chatgate.testing.fake_wire import (
+    STATE,
+    TOKEN_JSON,
+    Dialect,
+    Frames,
+    Turn,
     fake_reply,
+    json_response,
+    token_limit,
+    turn_handler,
+    word_count,
 )
 
 API = "/v1beta"
@@ -65,7 +65,7 @@ def gemini_error(status: int, message: str) -> web.Response:
             "status": _STATUS_NAMES.get(status, "UNKNOWN"),
         }
     }
-    return _json(body, status)
+    return json_response(body, status)
 
 
 def key_refusal(request: web.Request) -> web.Response | None:
@@ -94,7 +94,7 @@ def _shape_problem(body: dict[str, Any]) -> str | None:
     return None
 
 
-class _Gemini(_Dialect):
+class _Gemini(Dialect):
     stream_default = False
 
     def __init__(self, *, streaming: bool) -> None:
@@ -128,14 +128,16 @@ class _Gemini(_Dialect):
 
     def max_tokens(self, body: dict[str, Any]) -> int | None:
         config = body.get("generationConfig")
-        return _token_limit(config.get("maxOutputTokens")) if isinstance(config, dict) else None
+        return token_limit(config.get("maxOutputTokens")) if isinstance(config, dict) else None
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
         system = body.get("systemInstruction")
-        words = _words(system.get("parts")) if isinstance(system, dict) else 0
-        return words + sum(_words(content.get("parts")) for content in body.get("contents") or ())
+        words = word_count(system.get("parts")) if isinstance(system, dict) else 0
+        return words + sum(
+            word_count(content.get("parts")) for content in body.get("contents") or ()
+        )
 
-    def frames(self, turn: _Turn, body: dict[str, Any]) -> _Frames:
+    def frames(self, turn: Turn, body: dict[str, Any]) -> Frames:
         usage = orjson.dumps(
             {"promptTokenCount": turn.prompt_tokens, "totalTokenCount": turn.prompt_tokens}
         )
@@ -146,18 +148,18 @@ class _Gemini(_Dialect):
             + b',"responseId":' + orjson.dumps(self._response_id(turn)) + b"}\r\n\r\n"
         )  # fmt: skip
         error = {"error": {"code": 500, "message": "injected stream error", "status": "INTERNAL"}}
-        return _Frames(
+        return Frames(
             content_type="text/event-stream",
             head=b"",
-            tokens=tuple(prefix + text + suffix for text in _TOKEN_JSON),
+            tokens=tuple(prefix + text + suffix for text in TOKEN_JSON),
             error=b"data: " + orjson.dumps(error) + b"\r\n\r\n",
             tail=lambda: b"data: " + orjson.dumps(self._response(turn, "")) + b"\r\n\r\n",
         )
 
-    def complete(self, turn: _Turn, body: dict[str, Any]) -> bytes:
+    def complete(self, turn: Turn, body: dict[str, Any]) -> bytes:
         return orjson.dumps(self._response(turn, fake_reply(turn.record.tokens_sent)))
 
-    def _response(self, turn: _Turn, text: str) -> dict[str, Any]:
+    def _response(self, turn: Turn, text: str) -> dict[str, Any]:
         completion = turn.record.tokens_sent
         blocked = turn.model.startswith("blocked")
         candidate: dict[str, Any] = {
@@ -185,7 +187,7 @@ class _Gemini(_Dialect):
         }
 
     @staticmethod
-    def _response_id(turn: _Turn) -> str:
+    def _response_id(turn: Turn) -> str:
         return f"fake-{turn.record.id}"
 
 
@@ -205,15 +207,15 @@ async def _list_models(request: web.Request) -> web.Response:
     refused = key_refusal(request)
     if refused is not None:
         return refused
-    names = request.app[_STATE].settings.models
+    names = request.app[STATE].settings.models
     models = [_model_entry(name, _GENERATING) for name in names]
     models.append(_model_entry(EMBEDDING_MODEL, ["embedContent"]))
-    return _json({"models": models})
+    return json_response({"models": models})
 
 
 def add_gemini_routes(app: web.Application) -> None:
     app.router.add_get(API + "/models", _list_models)
     app.router.add_post(
-        _MODEL_PATH + ":streamGenerateContent", _turn_handler(_Gemini(streaming=True))
+        _MODEL_PATH + ":streamGenerateContent", turn_handler(_Gemini(streaming=True))
     )
-    app.router.add_post(_MODEL_PATH + ":generateContent", _turn_handler(_Gemini(streaming=False)))
+    app.router.add_post(_MODEL_PATH + ":generateContent", turn_handler(_Gemini(streaming=False)))

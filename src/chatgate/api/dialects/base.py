@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
 
+from chatgate.api.limits import SizeLimits
 from chatgate.chat.events import ChatError, Event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
@@ -35,8 +36,6 @@ if TYPE_CHECKING:
 #: One frame a dialect sends, serialised as a JSON object.
 Frame = Mapping[str, Any]
 MAX_ID_CHARS = 128
-#: What a frame may hold besides its message (as HTTP bodies may be 4 KiB larger).
-FRAME_OVERHEAD_BYTES = 4096
 
 
 class PongEvent(TypedDict):
@@ -123,7 +122,7 @@ class Dialect(ABC):
     def max_frame_bytes(self) -> int:
         """The largest frame read at all; the message in it has its own, smaller cap, so a
         message slightly too long is refused in the dialect's terms (with its ``task_id``…)."""
-        return self.peer.gateway.settings.max_message_bytes + FRAME_OVERHEAD_BYTES
+        return SizeLimits.of(self.peer.gateway.settings).body_bytes
 
     @abstractmethod
     async def decode(self, frame: dict[str, Any]) -> Command:

@@ -34,13 +34,12 @@ from chatgate.api.dialects.base import (
     optional_str,
     register_dialect,
 )
+from chatgate.api.limits import SizeLimits
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
-from chatgate.providers.base import Message, Role
+from chatgate.vocabulary import Message, Role
 
 ROLES: frozenset[str] = frozenset(get_args(Role))
-#: A frame may carry this many messages' worth of history (the HTTP APIs allow as much).
-HISTORY_FRAME_FACTOR = 64
 
 
 @register_dialect("cs_agent")
@@ -54,7 +53,7 @@ class CsAgentDialect(Dialect):
         return "messages" in frame or frame.get("type") == "clear_history"
 
     def max_frame_bytes(self) -> int:
-        return HISTORY_FRAME_FACTOR * self.peer.gateway.settings.max_message_bytes
+        return SizeLimits.of(self.peer.gateway.settings).history_bytes
 
     async def decode(self, frame: dict[str, Any]) -> Command:
         kind = frame.get("type")

@@ -1,4 +1,4 @@
-"""The native protocol (SPEC "Native WebSocket protocol"), the default on ``/ws``.
+"""The native protocol (``docs/protocol.md``), the default on ``/ws``.
 
 Its frames are the native commands and events themselves, so encoding is the identity
 and decoding only validates. A refused frame's error carries the frame's ``id`` when it

@@ -1,0 +1,223 @@
+"""Delivering generations to one client: the runner every protocol shares.
+
+A :class:`Follower` follows one or more generations for one client. A generation tells
+it, synchronously, when its log grows (:meth:`Generation.subscribe`); the follower then
+flushes once, on the event loop's next turn, handing each new event to the protocol's
+``deliver`` function, which encodes it (a codec: a WebSocket dialect, SSE, plain text,
+OpenAI chunks, Ollama lines) and writes the result to the client's :class:`Outbox`.
+There is no task switch per token, and tokens that arrived in the meantime have joined
+one delta.
+
+The :class:`Outbox` hands each ASGI message to the server at once while the client keeps
+up. A message that cannot be written at once (the client reads slowly) waits in order,
+drained by one task; meanwhile the follower holds back, so the tokens pile up in the
+generation's log as fewer, larger deltas rather than as buffered frames. A client that
+takes no message for ``SEND_TIMEOUT_S`` is given up (``on_stuck``): the same policy for
+WebSockets and HTTP streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import Message, Send
+
+from chatgate.chat.events import Event
+from chatgate.chat.generation import Generation, seen_before
+
+log = logging.getLogger("chatgate.delivery")
+
+#: A client that accepts nothing for this long is given up, not buffered for.
+SEND_TIMEOUT_S = 10.0
+#: Writes one event of ``generation`` to the client, encoded in its protocol.
+Deliver = Callable[[Event, Generation], None]
+
+
+class Outbox:
+    """One client's outgoing ASGI messages, in order, with one bound on waiting."""
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        on_drained: Callable[[], None] | None = None,
+        on_stuck: Callable[[], None] | None = None,
+    ) -> None:
+        self._send = send
+        self._on_drained = on_drained
+        self._on_stuck = on_stuck
+        self._queue: deque[Message] = deque()
+        self._drainer: asyncio.Task[None] | None = None
+        self.broken = False
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the client is behind: a write is still in progress."""
+        return self._drainer is not None
+
+    def write(self, message: Message) -> None:
+        """Hand ``message`` to the server now if nothing is queued before it.
+
+        The server's ``send`` is a coroutine that, while the socket accepts data, writes
+        and returns without ever waiting; it is run here up to its first wait, and only if
+        it does wait (the client is slow) does a task take over, finishing it and then
+        draining the queue."""
+        if self.broken:
+            return
+        if self._drainer is not None:
+            self._queue.append(message)
+            return
+        sending = self._send(message)
+        rest: Awaitable[None] = sending
+        if isinstance(sending, Coroutine):
+            try:
+                waiting_on = sending.send(None)
+            except StopIteration:
+                return
+            except OSError:
+                self.broken = True
+                return
+            rest = _finish(sending, waiting_on)
+        self._drainer = asyncio.create_task(self._drain(rest))
+
+    async def drained(self) -> None:
+        """Return once everything written so far has been handed to the server (or the
+        client was given up)."""
+        while self._drainer is not None:
+            await asyncio.wait({self._drainer})
+
+    async def _drain(self, first: Awaitable[None]) -> None:
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                await first
+            while self._queue and not self.broken:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self._send(self._queue.popleft())
+        except TimeoutError:
+            self.broken = True
+            self._queue.clear()
+            if self._on_stuck is not None:
+                self._on_stuck()
+            return
+        except OSError:
+            self.broken = True
+            self._queue.clear()
+            return
+        finally:
+            self._drainer = None
+        if self._on_drained is not None:
+            self._on_drained()
+
+    def close(self) -> None:
+        self.broken = True
+        self._queue.clear()
+        if self._drainer is not None:
+            self._drainer.cancel()
+
+
+@dataclass(slots=True, eq=False)
+class _Following:
+    """How far the client has read one generation's log, and what it had already."""
+
+    generation: Generation
+    index: int = 0
+    after: int | None = None
+
+
+class Follower:
+    """Follows generations to one client, flushing their new events through ``deliver``."""
+
+    def __init__(self, outbox: Outbox, deliver: Deliver) -> None:
+        self.outbox = outbox
+        self._deliver = deliver
+        self._following: dict[Generation, _Following] = {}
+        self._ready: dict[Generation, _Following] = {}
+        self._flush_scheduled = False
+        self._loop = asyncio.get_running_loop()  # kept: each get_running_loop() calls getpid()
+
+    def follow(self, generation: Generation, *, index: int = 0, after: int | None = None) -> None:
+        """Deliver ``generation``'s log from ``index`` on, skipping what a client resuming
+        after delta ``after`` already has; following it again replays it that way."""
+        following = _Following(generation, index=index, after=after)
+        self._following[generation] = following
+        self._ready.pop(generation, None)
+        generation.subscribe(self._grown)
+        self._grown(generation)
+
+    def following(self) -> list[Generation]:
+        return list(self._following)
+
+    def stop(self) -> list[Generation]:
+        """Follow nothing more; returns the generations that are still running."""
+        running = []
+        for generation in self._following:
+            generation.unsubscribe(self._grown)
+            if not generation.finished:
+                running.append(generation)
+        self._following.clear()
+        self._ready.clear()
+        return running
+
+    def resume(self) -> None:
+        """The outbox has caught up: deliver what the generations logged meanwhile."""
+        if self._ready and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _grown(self, generation: Generation) -> None:
+        following = self._following.get(generation)
+        if following is None:
+            return
+        self._ready[generation] = following
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.outbox.waiting:
+            return  # a slow client: its tokens wait in the logs, joining fewer, larger deltas
+        ready, self._ready = self._ready, {}
+        for following in ready.values():
+            generation = following.generation
+            events = generation.read_from(following.index)
+            following.index += len(events)
+            for event in events:
+                if seen_before(event, following.after):
+                    continue
+                try:
+                    self._deliver(event, generation)
+                except Exception:
+                    log.exception("delivering an event failed", extra={"request_id": generation.id})
+                if event["type"] in ("done", "error"):
+                    generation.unsubscribe(self._grown)
+                    self._following.pop(generation, None)
+
+
+async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Run a coroutine that was started by hand and is now waiting on ``waiting_on`` (what
+    its first ``send(None)`` returned) to its end, as a task would have."""
+    while True:
+        try:
+            if waiting_on is None:  # a bare yield: let the loop run once
+                await asyncio.sleep(0)
+            else:
+                # The future was yielded to us as to a task, which takes it by clearing this
+                # flag (asyncio's protocol between futures and tasks); then it may be awaited.
+                waiting_on._asyncio_future_blocking = False
+                await waiting_on
+        except BaseException as exc:  # passed into the coroutine, as a task would
+            try:
+                waiting_on = coroutine.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            waiting_on = coroutine.send(None)
+        except StopIteration:
+            return

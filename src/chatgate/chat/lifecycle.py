@@ -1,0 +1,106 @@
+"""Lifecycle hooks on generations, for what watches them from outside the chat core:
+metrics now, tracing next.
+
+:class:`ChatService` tells each :class:`GenerationObserver` it was given when a
+generation starts, when its first token and (for observers that ask) each token
+arrives, and how it ended — exactly one of ``finished``, ``failed`` or ``cancelled``
+per started generation, also when the process is shutting down. The end hooks run
+after the turn is stored and just before the terminal event is logged, so a client
+that has seen a generation end also finds it in the metrics.
+
+Hooks run synchronously on the generation's task: they must be cheap and must not
+block. One that raises is logged and skipped; it never breaks the generation or keeps
+the other observers from being told.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from chatgate.chat.events import DoneEvent, ErrorEvent
+from chatgate.chat.generation import Generation
+
+log = logging.getLogger("chatgate.chat")
+
+
+class GenerationObserver:
+    """Told about every generation of a :class:`ChatService`; override the hooks you need.
+
+    Every hook does nothing here, so an observer only writes what it watches.
+    """
+
+    #: Whether :meth:`token` is called. Per-token calls sit on the hot path, so the
+    #: service skips them altogether unless some observer sets this.
+    wants_tokens: bool = False
+
+    def started(self, generation: Generation) -> None:
+        """The turn was accepted: its ``start`` event is logged and its task created."""
+
+    def first_token(self, generation: Generation, ttft_s: float) -> None:
+        """The first text arrived from the upstream, ``ttft_s`` seconds after the
+        generation began streaming (the ``timings.ttft_ms`` of its ``done``). Called just
+        before that text is logged, and before :meth:`token` for it."""
+
+    def token(self, generation: Generation, text: str) -> None:
+        """A token from the upstream is logged (``generation.tokens`` already counts it).
+        Only called when :attr:`wants_tokens` is set."""
+
+    def finished(self, generation: Generation, done: DoneEvent) -> None:
+        """The answer is complete (any finish reason but ``cancelled``)."""
+
+    def failed(self, generation: Generation, error: ErrorEvent, exc: BaseException | None) -> None:
+        """It ended in ``error``: the upstream failed (before or after the first token),
+        the service crashed, or the process is shutting down. ``exc`` is what was raised;
+        ``None`` when the generation was stopped before its task ran at all."""
+
+    def cancelled(self, generation: Generation, done: DoneEvent) -> None:
+        """A client cancelled it (or cleared its conversation, or it lost its socket and
+        nobody resumed it); ``done`` has ``finish_reason`` ``cancelled``."""
+
+
+class Observers:
+    """The observers of one service, each hook called on all of them in order."""
+
+    def __init__(self, observers: Sequence[GenerationObserver] = ()) -> None:
+        self._all = tuple(observers)
+        self._token_observers = tuple(observer for observer in self._all if observer.wants_tokens)
+        #: Checked by the service once per generation, so that without such observers
+        #: no token costs more than that one test.
+        self.wants_tokens = bool(self._token_observers)
+
+    def started(self, generation: Generation) -> None:
+        self._each("started", generation, lambda observer: observer.started(generation))
+
+    def first_token(self, generation: Generation, ttft_s: float) -> None:
+        self._each("first_token", generation, lambda observer: observer.first_token(generation, ttft_s))
+
+    def token(self, generation: Generation, text: str) -> None:
+        for observer in self._token_observers:
+            try:
+                observer.token(generation, text)
+            except Exception:
+                _report(observer, "token", generation)
+
+    def ended(self, generation: Generation, end: DoneEvent | ErrorEvent, exc: BaseException | None) -> None:
+        """Tell each observer how ``generation`` ended, by its terminal event."""
+        if end["type"] == "error":
+            self._each("failed", generation, lambda observer: observer.failed(generation, end, exc))
+        elif end["finish_reason"] == "cancelled":
+            self._each("cancelled", generation, lambda observer: observer.cancelled(generation, end))
+        else:
+            self._each("finished", generation, lambda observer: observer.finished(generation, end))
+
+    def _each(self, hook: str, generation: Generation, call: Callable[[GenerationObserver], None]) -> None:
+        for observer in self._all:
+            try:
+                call(observer)
+            except Exception:
+                _report(observer, hook, generation)
+
+
+def _report(observer: GenerationObserver, hook: str, generation: Generation) -> None:
+    log.exception(
+        "a generation observer failed",
+        extra={"request_id": generation.id, "observer": type(observer).__name__, "hook": hook},
+    )
