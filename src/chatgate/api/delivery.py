@@ -12,7 +12,7 @@ The :class:`Outbox` hands each ASGI message to the server at once while the clie
 up. A message that cannot be written at once (the client reads slowly) waits in order,
 drained by one task; meanwhile the follower holds back, so the tokens pile up in the
 generation's log as fewer, larger deltas rather than as buffered frames. A client that
-takes no message for ``SEND_TIMEOUT_S`` is given up (``on_stuck``): the same policy for
+takes no message for ``SEND_TIMEOUT_S`` is given up (``on_stuck``): the same rule for
 WebSockets and HTTP streams.
 """
 
@@ -85,12 +85,6 @@ class Outbox:
             rest = _finish(sending, waiting_on)
         self._drainer = asyncio.create_task(self._drain(rest))
 
-    async def drained(self) -> None:
-        """Return once everything written so far has been handed to the server (or the
-        client was given up)."""
-        while self._drainer is not None:
-            await asyncio.wait({self._drainer})
-
     async def _drain(self, first: Awaitable[None]) -> None:
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S):
@@ -130,7 +124,12 @@ class _Following:
 
 
 class Follower:
-    """Follows generations to one client, flushing their new events through ``deliver``."""
+    """Follows generations to one client, flushing their new events through ``deliver``.
+
+    A WebSocket follows several generations at once and flushes from a callback on the
+    loop's next turn. An HTTP response follows one and flushes from its own task with
+    :meth:`run`: the task was going to wake for the response anyway, and measured faster
+    that way than a callback followed by a wake-up at the end (bench/CHANGES.md)."""
 
     def __init__(self, outbox: Outbox, deliver: Deliver) -> None:
         self.outbox = outbox
@@ -138,7 +137,32 @@ class Follower:
         self._following: dict[Generation, _Following] = {}
         self._ready: dict[Generation, _Following] = {}
         self._flush_scheduled = False
+        #: :meth:`run` flushes from its task; ``_waiter`` is set while it waits.
+        self._running = False
+        self._finished = False
+        self._waiter: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()  # kept: each get_running_loop() calls getpid()
+
+    async def run(self) -> None:
+        """Flush from this task whenever something is ready, until :meth:`finish`."""
+        self._running = True
+        try:
+            while not self._finished:
+                if self._ready and not self.outbox.waiting:
+                    self._flush()
+                    continue
+                self._waiter = self._loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._running = False
+
+    def finish(self) -> None:
+        """Let :meth:`run` return."""
+        self._finished = True
+        self._wake()
 
     def follow(self, generation: Generation, *, index: int = 0, after: int | None = None) -> None:
         """Deliver ``generation``'s log from ``index`` on, skipping what a client resuming
@@ -148,9 +172,6 @@ class Follower:
         self._ready.pop(generation, None)
         generation.subscribe(self._grown)
         self._grown(generation)
-
-    def following(self) -> list[Generation]:
-        return list(self._following)
 
     def stop(self) -> list[Generation]:
         """Follow nothing more; returns the generations that are still running."""
@@ -165,16 +186,21 @@ class Follower:
 
     def resume(self) -> None:
         """The outbox has caught up: deliver what the generations logged meanwhile."""
-        if self._ready and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        if self._ready:
+            self._wake()
 
     def _grown(self, generation: Generation) -> None:
         following = self._following.get(generation)
         if following is None:
             return
         self._ready[generation] = following
-        if not self._flush_scheduled:
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._running:
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 

@@ -5,7 +5,7 @@ generation; the chat service keeps the partial answer):
 
 - :func:`first_outcome` waits for the first delta or the end, so that a failure before
   any text is still an HTTP error status, not a 200 with an error inside;
-- :class:`GenerationResponse` then streams the rest through the shared runner
+- :class:`GenerationResponse` then streams the rest through the runner WebSockets use
   (:mod:`chatgate.api.delivery`), encoded by the API's codec: plain text, SSE, OpenAI
   chunks or Ollama lines. A client that stops reading is given up after the runner's
   send timeout and its generation cancelled, rather than buffered for;
@@ -89,38 +89,33 @@ class GenerationResponse(Response):
         self.index = index
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ended = asyncio.get_running_loop().create_future()
-
-        def end() -> None:
-            if not ended.done():
-                ended.set_result(None)
-
         def deliver(event: Event, generation: Generation | None = None) -> None:
+            last = event["type"] in ("done", "error")
             body = self.codec(event)
-            if body:
-                outbox.write({"type": "http.response.body", "body": body, "more_body": True})
-            if event["type"] in ("done", "error"):
-                end()
+            if body or last:
+                # The end of the body goes with the last event, not a loop turn later: a
+                # client waits for it before it sends its next request.
+                outbox.write({"type": "http.response.body", "body": body, "more_body": not last})
+            if last:
+                follower.finish()
 
-        outbox = Outbox(send, on_drained=lambda: follower.resume(), on_stuck=end)
+        def stuck() -> None:
+            self.generation.cancel()  # not reading: its partial answer is kept
+            follower.finish()
+
+        outbox = Outbox(send, on_drained=lambda: follower.resume(), on_stuck=stuck)
         follower = Follower(outbox, deliver)
-        disconnected = asyncio.create_task(_cancel_on_disconnect(receive, self.generation))
+        watcher = asyncio.create_task(_cancel_on_disconnect(receive, self.generation))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             for event in self.leading:
                 deliver(event)
-            if not ended.done():
+            if self.leading[-1]["type"] not in ("done", "error"):
                 follower.follow(self.generation, index=self.index)
-            await asyncio.wait({ended, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-            if outbox.broken or disconnected.done():
-                self.generation.cancel()
-                return
-            await outbox.drained()
-            if not outbox.broken:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await follower.run()
         except OSError:
             self.generation.cancel()
         finally:
-            disconnected.cancel()
+            watcher.cancel()
             follower.stop()
             outbox.close()
