@@ -49,9 +49,14 @@ class Metrics(GenerationObserver):
         self._websockets = Gauge(
             "chatgate_websocket_connections", "Open WebSocket connections", registry=self.registry
         )
+        # The provider's series, looked up once: ``labels()`` takes a lock and builds a key
+        # on every call, and these move with every answer.
+        self._ttft_series = self._ttft.labels(provider)
+        self._tokens_series = self._tokens.labels(provider)
+        self._outcomes: dict[str, Counter] = {}
 
     def first_token(self, generation: Generation, ttft_s: float) -> None:
-        self._ttft.labels(self.provider).observe(ttft_s)
+        self._ttft_series.observe(ttft_s)
 
     def finished(self, generation: Generation, done: DoneEvent) -> None:
         self._ended(generation, done["finish_reason"])
@@ -63,10 +68,13 @@ class Metrics(GenerationObserver):
         self._ended(generation, "error")
 
     def _ended(self, generation: Generation, outcome: str) -> None:
-        self._generations.labels(self.provider, outcome).inc()
+        series = self._outcomes.get(outcome)
+        if series is None:
+            series = self._outcomes[outcome] = self._generations.labels(self.provider, outcome)
+        series.inc()
         # Counted at the end from the generation's own count, not per token: the tokens
         # already streamed to clients, also of answers cut short or broken off.
-        self._tokens.labels(self.provider).inc(generation.tokens)
+        self._tokens_series.inc(generation.tokens)
 
     def websocket_opened(self) -> None:
         self._websockets.inc()

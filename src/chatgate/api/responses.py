@@ -15,8 +15,7 @@ generation; the chat service keeps the partial answer):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -35,33 +34,30 @@ async def _cancel_on_disconnect(receive: Receive, generation: Generation) -> Non
     generation.cancel()
 
 
-@contextlib.asynccontextmanager
-async def _watching(receive: Receive, generation: Generation) -> AsyncIterator[None]:
-    watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
-    try:
-        yield
-    finally:
-        watcher.cancel()
-
-
 async def first_outcome(receive: Receive, generation: Generation) -> tuple[int, Event]:
     """The first delta, ``done`` or ``error``, and the log index just after it."""
-    index = 0
-    async with _watching(receive, generation):
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
+    try:
+        index = 0
         async for event in generation.events():
             index += 1
             if event["type"] != "start":
                 return index, event
+    finally:
+        watcher.cancel()
     raise RuntimeError("generation ended without a terminal event")  # pragma: no cover
 
 
 async def run_to_end(receive: Receive, generation: Generation) -> DoneEvent | ErrorEvent:
     """The generation's ``done`` or ``error``, once the whole answer is there."""
-    async with _watching(receive, generation):
-        async for event in generation.events():
-            if event["type"] == "done" or event["type"] == "error":
-                return event
-    raise RuntimeError("generation ended without a terminal event")  # pragma: no cover
+    watcher = asyncio.create_task(_cancel_on_disconnect(receive, generation))
+    try:
+        await generation.wait_finished()
+    finally:
+        watcher.cancel()
+    end = generation.log[-1]
+    assert end["type"] == "done" or end["type"] == "error"
+    return end
 
 
 class GenerationResponse(Response):
