@@ -80,3 +80,41 @@ async def test_a_failure_after_a_burst_is_retryable_and_keeps_every_token() -> N
     error = events[-1]
     assert error["code"] == "provider_error" and error["retryable"] is True
     assert stored == [("user", "tell me", False), ("assistant", fake_reply(7), True)]
+
+
+class RecordingProvider(BurstProvider):
+    """A BurstProvider that remembers what each request sent."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.requests: list[ProviderRequest] = []
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        self.requests.append(request)
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+async def test_a_conversation_idle_past_its_reset_starts_afresh() -> None:
+    """The sequential seed's inactivity cleanup: time comes from the injected clocks."""
+    now = [1_000_000.0]
+    provider = RecordingProvider()
+    store = MemoryStore(StoreLimits(ttl_s=1e9), lambda: now[0])
+    service = ChatService(provider, store, AgentRegistry(), wall_clock=lambda: now[0])
+
+    async def say(text: str) -> list[str]:
+        generation = await service.start(Turn(text, conversation_id="s-idle", idle_reset_s=300))
+        await generation.wait_finished()
+        return [m["content"] for m in provider.requests[-1].messages if m["role"] != "system"]
+
+    try:
+        assert await say("remember this") == ["remember this"]
+        now[0] += 299
+        assert await say("still here?") == ["remember this", fake_reply(2), "still here?"]
+        now[0] += 301
+        assert await say("do you remember?") == ["do you remember?"]
+        conversation = await store.get("s-idle")
+        assert conversation is not None
+        assert [m.content for m in conversation.messages] == ["do you remember?", fake_reply(2)]
+    finally:
+        await service.aclose()

@@ -45,6 +45,8 @@ class Generation:
     text_parts: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False
+    #: The task has begun :meth:`ChatService._run`; before that, a cancel is only noted.
+    running: bool = False
     #: The answer is being stored: too late to cancel.
     ending: bool = False
     forgotten: bool = False
@@ -116,7 +118,8 @@ class Generation:
                     waiter.set_result(None)
 
     def cancel(self) -> None:
-        """Stop now: the task's cancellation closes the upstream request."""
+        """Stop now: the task's cancellation closes the upstream request. A task that has
+        not taken its first step yet sees the request when it does, and ends at once."""
         if (
             self.task is not None
             and not self.task.done()
@@ -124,7 +127,8 @@ class Generation:
             and not self.ending
         ):
             self.cancel_requested = True
-            self.task.cancel()
+            if self.running:
+                self.task.cancel()
 
     def subscribe(self, listener: Listener) -> None:
         """Call ``listener(self)`` each time an event is logged, from the task logging it,

@@ -16,7 +16,7 @@ the other observers from being told.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from chatgate.chat.events import DoneEvent, ErrorEvent
 from chatgate.chat.generation import Generation
@@ -70,10 +70,18 @@ class Observers:
         self.wants_tokens = bool(self._token_observers)
 
     def started(self, generation: Generation) -> None:
-        self._each("started", generation, lambda observer: observer.started(generation))
+        for observer in self._all:
+            try:
+                observer.started(generation)
+            except Exception:
+                _report(observer, "started", generation)
 
     def first_token(self, generation: Generation, ttft_s: float) -> None:
-        self._each("first_token", generation, lambda observer: observer.first_token(generation, ttft_s))
+        for observer in self._all:
+            try:
+                observer.first_token(generation, ttft_s)
+            except Exception:
+                _report(observer, "first_token", generation)
 
     def token(self, generation: Generation, text: str) -> None:
         for observer in self._token_observers:
@@ -85,16 +93,17 @@ class Observers:
     def ended(self, generation: Generation, end: DoneEvent | ErrorEvent, exc: BaseException | None) -> None:
         """Tell each observer how ``generation`` ended, by its terminal event."""
         if end["type"] == "error":
-            self._each("failed", generation, lambda observer: observer.failed(generation, end, exc))
-        elif end["finish_reason"] == "cancelled":
-            self._each("cancelled", generation, lambda observer: observer.cancelled(generation, end))
+            hook = "failed"
         else:
-            self._each("finished", generation, lambda observer: observer.finished(generation, end))
-
-    def _each(self, hook: str, generation: Generation, call: Callable[[GenerationObserver], None]) -> None:
+            hook = "cancelled" if end["finish_reason"] == "cancelled" else "finished"
         for observer in self._all:
             try:
-                call(observer)
+                if end["type"] == "error":
+                    observer.failed(generation, end, exc)
+                elif hook == "cancelled":
+                    observer.cancelled(generation, end)
+                else:
+                    observer.finished(generation, end)
             except Exception:
                 _report(observer, hook, generation)
 

@@ -238,7 +238,6 @@ class ChatService:
         generation.task = asyncio.create_task(
             self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
         )
-        generation.task.add_done_callback(lambda _: self._settle(generation))
         self._observers.started(generation)
         return generation
 
@@ -325,6 +324,11 @@ class ChatService:
         """Stream the answer, store the turn, and only then log ``done`` or ``error``: a
         client that has seen the end may send its next turn at once, and that turn finds
         the conversation free and this one in its history."""
+        generation.running = True
+        if generation.cancel_requested:  # cancelled before this task took a step
+            self._release(generation)
+            self._conclude(generation, _cancelled_at_once(generation), None)
+            return
         started = self._clock()
         first_token_at: float | None = None
         usage: Usage | None = None
@@ -448,28 +452,6 @@ class ChatService:
         self._observers.ended(generation, end, exc)
         generation.finish(end)
 
-    def _settle(self, generation: Generation) -> None:
-        """End a generation whose task was cancelled before it ran a line of :meth:`_run`
-        (a cancel, a cleared conversation or a shutdown right after the start), which
-        therefore never ended it: otherwise its conversation would stay busy, its
-        followers would wait forever and its observers would never hear of its end.
-        Nothing is stored: the turn never reached the upstream. Every other generation
-        has ended by the time its task is done, and this does nothing."""
-        if generation.finished:
-            return
-        self._release(generation)
-        if generation.cancel_requested:
-            cancelled: DoneEvent = {
-                "type": "done",
-                "id": generation.id,
-                "finish_reason": "cancelled",
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0},
-                "timings": {"ttft_ms": None, "total_ms": 0.0},
-            }
-            self._conclude(generation, cancelled, None)
-        else:
-            self._conclude(generation, _shutting_down(generation), None)
-
     def _release(self, generation: Generation) -> None:
         """Free the conversation for its next turn; keep the log a while for resumes."""
         if self._by_conversation.get(generation.conversation_key) is generation:
@@ -492,6 +474,17 @@ class ChatService:
         await self.store.append(
             generation.conversation_key, messages, owner=turn.owner, agent=generation.agent
         )
+
+
+def _cancelled_at_once(generation: Generation) -> DoneEvent:
+    """The end of a generation cancelled before it reached the upstream: nothing stored."""
+    return {
+        "type": "done",
+        "id": generation.id,
+        "finish_reason": "cancelled",
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0},
+        "timings": {"ttft_ms": None, "total_ms": 0.0},
+    }
 
 
 def _shutting_down(generation: Generation) -> ErrorEvent:
