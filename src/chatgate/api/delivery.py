@@ -112,6 +112,10 @@ class Outbox:
         self._queue.clear()
         if self._drainer is not None:
             self._drainer.cancel()
+        # The callbacks usually lead back to whoever owns this outbox: dropping them lets
+        # reference counting free both, instead of leaving the cycle collector a cycle
+        # per connection or response.
+        self._on_drained = self._on_stuck = None
 
 
 @dataclass(slots=True, eq=False)
@@ -182,6 +186,7 @@ class Follower:
                 running.append(generation)
         self._following.clear()
         self._ready.clear()
+        self._deliver = _deliver_nothing  # as for the outbox's callbacks: no cycle left
         return running
 
     def resume(self) -> None:
@@ -223,6 +228,10 @@ class Follower:
                 if event["type"] in ("done", "error"):
                     generation.unsubscribe(self._grown)
                     self._following.pop(generation, None)
+
+
+def _deliver_nothing(event: Event, generation: Generation) -> None:
+    """What a stopped follower delivers."""
 
 
 async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
