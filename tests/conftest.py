@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from chatgate.testing.servers import FakeLLM, RunningGateway, free_port, run_gateway, start_fake_llm
+from chatgate.testing.servers import (
+    FakeLLM,
+    RedisServer,
+    RunningGateway,
+    free_port,
+    run_gateway,
+    start_fake_llm,
+    start_redis,
+)
 
 # Tests never read the developer's .env or data folder.
 os.environ.pop("OLLAMA_HOST", None)
@@ -21,6 +29,16 @@ def fake_llm_process() -> Iterator[FakeLLM]:
         yield fake
     finally:
         fake.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for the whole session."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

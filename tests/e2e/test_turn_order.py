@@ -442,14 +442,17 @@ class Background:
 # The matrix ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=["memory", "sqlite", "redis"])
 def store_gateway(
     request: pytest.FixtureRequest, fake_llm_process: FakeLLM, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RunningGateway]:
     """One gateway per store, shared by every protocol's case; each case uses
     conversations of its own and the ``fake`` fixture resets the upstream per test."""
     data_dir: Path = tmp_path_factory.mktemp(f"turn-order-{request.param}")
-    store = "memory" if request.param == "memory" else f"sqlite:///{data_dir}/chat.db"
+    if request.param == "redis":
+        store = f"{request.getfixturevalue('redis_server').url}/1"
+    else:
+        store = "memory" if request.param == "memory" else f"sqlite:///{data_dir}/chat.db"
     # The settings of conftest's gateway_settings, with history long enough for every turn.
     with run_gateway(
         provider="ollama",

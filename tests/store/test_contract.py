@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatgate.store import ConversationStore, StoredMessage, StoreLimits, open_store
 from chatgate.store.sqlite import MIGRATIONS
+from chatgate.testing.servers import RedisServer
 
 TTL = 100.0
 
@@ -48,11 +50,18 @@ def limits() -> StoreLimits:
     return StoreLimits(ttl_s=TTL)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, limits: StoreLimits, clock: FakeClock
 ) -> AsyncIterator[ConversationStore]:
-    url = "memory" if request.param == "memory" else f"sqlite:///{tmp_path}/db/chat.db"
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        url = f"{server.url}/0"
+        flushing = redis.Redis.from_url(url)
+        await flushing.flushdb()
+        await flushing.aclose()
+    else:
+        url = "memory" if request.param == "memory" else f"sqlite:///{tmp_path}/db/chat.db"
     opened = open_store(url, limits, clock)
     await opened.open()
     yield opened
@@ -65,7 +74,7 @@ async def contents(store: ConversationStore, conversation_id: str, n: int = 100)
 
 async def test_store_is_registered_backend(store: ConversationStore) -> None:
     assert isinstance(store, ConversationStore)
-    assert store.name in ("memory", "sqlite")
+    assert store.name in ("memory", "sqlite", "redis")
     await store.ping()
 
 

@@ -1,4 +1,4 @@
-from chatgate.store import memory, sqlite
+from chatgate.store import memory, redis, sqlite
 from chatgate.store.base import (
     Conversation,
     ConversationInfo,
@@ -16,5 +16,6 @@ __all__ = [
     "StoredMessage",
     "memory",
     "open_store",
+    "redis",
     "sqlite",
 ]

@@ -95,6 +95,54 @@ def start_fake_llm(*args: str) -> FakeLLM:
 
 
 @dataclass
+class RedisServer:
+    """A throwaway ``redis-server`` on a loopback port: no persistence, stopped by :meth:`stop`."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_redis() -> RedisServer:
+    """Start ``redis-server`` on a free port; returns once it answers PING."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, timeout=15, what="redis-server")
+    except BaseException:
+        process.kill()
+        raise
+    return RedisServer(port, process)
+
+
+@dataclass
 class RunningGateway:
     url: str
     settings: Settings

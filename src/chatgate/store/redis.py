@@ -1,0 +1,266 @@
+"""The Redis store: conversations shared by every chatgate process that points at one
+Redis (``redis://host:port/db``, ``rediss://…``, ``unix:///path.sock``).
+
+Keys, under the ``chatgate:`` prefix::
+
+    c:{id}        hash: owner (absent when anonymous), agent, title, created, updated
+    m:{id}        list of messages, oldest first, JSON [role, content, partial, created_at]
+    recent        sorted set: every conversation by its last write (eviction, purging)
+    o:{owner}     sorted set per owner (``anon`` for anonymous callers): listing
+
+Expiry compares ``updated`` with the injected clock, as the other stores do, so all of
+them agree at the boundary; each write also sets a Redis ``EXPIRE`` a little past the
+idle limit, so a conversation nobody returns to leaves Redis's memory even when no
+process purges. Every write of a turn is one script, so one round trip, and atomic
+against the other processes; windowed reads are one ``LRANGE`` of the window.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+
+from chatgate.store.base import (
+    Clock,
+    Conversation,
+    ConversationInfo,
+    StoredMessage,
+    StoreLimits,
+    register_store,
+)
+from chatgate.store.memory import title_of
+from chatgate.vocabulary import Role
+
+PREFIX = "chatgate:"
+#: Redis drops an idle conversation's keys this long after the idle limit.
+EXPIRE_MARGIN_S = 60
+
+_DROP = """
+local function drop(p, cid)
+  local owner = redis.call('HGET', p .. 'c:' .. cid, 'owner')
+  redis.call('ZREM', owner and (p .. 'o:' .. owner) or (p .. 'anon'), cid)
+  redis.call('ZREM', p .. 'recent', cid)
+  return redis.call('DEL', p .. 'c:' .. cid, p .. 'm:' .. cid)
+end
+local function alive(p, cid, now, ttl)
+  local updated = redis.call('HGET', p .. 'c:' .. cid, 'updated')
+  return updated and now - tonumber(updated) <= ttl
+end
+local function touch(p, cid, now, expire)
+  local ck = p .. 'c:' .. cid
+  redis.call('HSET', ck, 'updated', now)
+  local owner = redis.call('HGET', ck, 'owner')
+  redis.call('ZADD', owner and (p .. 'o:' .. owner) or (p .. 'anon'), now, cid)
+  redis.call('ZADD', p .. 'recent', now, cid)
+  redis.call('EXPIRE', ck, expire)
+  redis.call('EXPIRE', p .. 'm:' .. cid, expire)
+end
+"""
+
+# ARGV: prefix, id, now, ttl, expire, max_conversations, max_messages, has_owner, owner,
+#       agent, title, messages...
+_APPEND = _DROP + """
+local p, id, now, ttl, expire = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local max_conversations, max_messages = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ck, mk = p .. 'c:' .. id, p .. 'm:' .. id
+if redis.call('EXISTS', ck) == 1 and not alive(p, id, now, ttl) then drop(p, id) end
+if redis.call('EXISTS', ck) == 0 then
+  redis.call('HSET', ck, 'agent', ARGV[10], 'title', '', 'created', ARGV[3])
+  if ARGV[8] == '1' then redis.call('HSET', ck, 'owner', ARGV[9]) end
+end
+if ARGV[11] ~= '' and redis.call('HGET', ck, 'title') == '' then
+  redis.call('HSET', ck, 'title', ARGV[11])
+end
+for i = 12, #ARGV do redis.call('RPUSH', mk, ARGV[i]) end
+if #ARGV >= 12 then redis.call('LTRIM', mk, -max_messages, -1) end
+touch(p, id, ARGV[3], expire)
+local excess = redis.call('ZCARD', p .. 'recent') - max_conversations
+if excess > 0 then
+  local oldest = redis.call('ZRANGE', p .. 'recent', 0, excess)
+  for _, victim in ipairs(oldest) do
+    if excess > 0 and victim ~= id then
+      drop(p, victim)
+      excess = excess - 1
+    end
+  end
+end
+return 1
+"""
+
+# ARGV: prefix, id, now, ttl, expire
+_CLEAR = _DROP + """
+local p, id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+if not alive(p, id, now, ttl) then return 0 end
+redis.call('DEL', p .. 'm:' .. id)
+touch(p, id, ARGV[3], ARGV[5])
+return 1
+"""
+
+# ARGV: prefix, id, now, ttl
+_DELETE = _DROP + """
+local p, id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local was_alive = alive(p, id, now, ttl)
+drop(p, id)
+return was_alive and 1 or 0
+"""
+
+# ARGV: prefix, oldest updated time still alive (exclusive bound below it)
+_PURGE = _DROP + """
+local p = ARGV[1]
+local expired = redis.call('ZRANGEBYSCORE', p .. 'recent', '-inf', '(' .. ARGV[2])
+local count = 0
+for _, cid in ipairs(expired) do
+  if drop(p, cid) > 0 then count = count + 1 end
+end
+return count
+"""
+
+
+def _encode(message: StoredMessage) -> bytes:
+    return orjson.dumps([message.role, message.content, message.partial, message.created_at])
+
+
+def _decode(raw: bytes) -> StoredMessage:
+    role, content, partial, created_at = orjson.loads(raw)
+    return StoredMessage(role=cast(Role, role), content=content, partial=partial, created_at=created_at)
+
+
+def _info(conversation_id: str, fields: dict[bytes, bytes], count: int) -> ConversationInfo:
+    owner = fields.get(b"owner")
+    return ConversationInfo(
+        id=conversation_id,
+        owner=owner.decode() if owner is not None else None,
+        agent=fields[b"agent"].decode(),
+        created_at=float(fields[b"created"]),
+        updated_at=float(fields[b"updated"]),
+        message_count=count,
+        title=fields.get(b"title", b"").decode(),
+    )
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, url: str, limits: StoreLimits, clock: Clock) -> None:
+        self.url = url
+        self._limits = limits
+        self._clock = clock
+        self._expire = math.ceil(limits.ttl_s) + EXPIRE_MARGIN_S
+        self._redis: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def _db(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise RuntimeError("RedisStore used before open() or after close()")
+        return self._redis
+
+    async def open(self) -> None:
+        client = aioredis.from_url(self.url)
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        self._redis = client
+        for name, source in (("append", _APPEND), ("clear", _CLEAR), ("delete", _DELETE), ("purge", _PURGE)):
+            self._scripts[name] = client.register_script(source)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            client, self._redis = self._redis, None
+            await client.aclose()
+
+    def _alive(self, fields: dict[bytes, bytes]) -> bool:
+        updated = fields.get(b"updated")
+        return updated is not None and self._clock() - float(updated) <= self._limits.ttl_s
+
+    async def append(
+        self,
+        conversation_id: str,
+        messages: list[StoredMessage],
+        *,
+        owner: str | None = None,
+        agent: str = "general",
+    ) -> None:
+        args: list[Any] = [
+            PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s), self._expire,
+            self._limits.max_conversations, max(self._limits.max_messages, 1),
+            "1" if owner is not None else "0", owner or "", agent, title_of(messages),
+            *(_encode(m) for m in messages),
+        ]
+        await self._scripts["append"](args=args, client=self._db)
+
+    async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:
+        if max_messages <= 0:
+            return []
+        async with self._db.pipeline(transaction=False) as pipe:
+            pipe.hget(PREFIX + "c:" + conversation_id, "updated")
+            pipe.lrange(PREFIX + "m:" + conversation_id, -max_messages, -1)
+            updated, raw = await pipe.execute()
+        if updated is None or self._clock() - float(updated) > self._limits.ttl_s:
+            return []
+        return [_decode(item) for item in raw]
+
+    async def get(self, conversation_id: str) -> Conversation | None:
+        async with self._db.pipeline(transaction=False) as pipe:
+            pipe.hgetall(PREFIX + "c:" + conversation_id)
+            pipe.lrange(PREFIX + "m:" + conversation_id, 0, -1)
+            fields, raw = await pipe.execute()
+        if not fields or not self._alive(fields):
+            return None
+        return Conversation(_info(conversation_id, fields, len(raw)), [_decode(item) for item in raw])
+
+    async def info(self, conversation_id: str) -> ConversationInfo | None:
+        async with self._db.pipeline(transaction=False) as pipe:
+            pipe.hgetall(PREFIX + "c:" + conversation_id)
+            pipe.llen(PREFIX + "m:" + conversation_id)
+            fields, count = await pipe.execute()
+        if not fields or not self._alive(fields):
+            return None
+        return _info(conversation_id, fields, count)
+
+    async def list(self, owner: str | None, *, limit: int = 100) -> list[ConversationInfo]:
+        if limit <= 0:
+            return []
+        index = PREFIX + ("o:" + owner if owner is not None else "anon")
+        oldest_alive = self._clock() - self._limits.ttl_s
+        found = await self._db.zrevrangebyscore(index, "+inf", repr(oldest_alive), start=0, num=limit)
+        ids = [cast(bytes, raw).decode() for raw in found]
+        async with self._db.pipeline(transaction=False) as pipe:
+            for conversation_id in ids:
+                pipe.hgetall(PREFIX + "c:" + conversation_id)
+                pipe.llen(PREFIX + "m:" + conversation_id)
+            replies = await pipe.execute()
+        infos = []
+        for n, conversation_id in enumerate(ids):
+            fields, count = replies[2 * n], replies[2 * n + 1]
+            if fields and self._alive(fields):  # Redis may have expired it meanwhile
+                infos.append(_info(conversation_id, fields, count))
+        return infos
+
+    async def clear(self, conversation_id: str) -> None:
+        args = [PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s), self._expire]
+        await self._scripts["clear"](args=args, client=self._db)
+
+    async def delete(self, conversation_id: str) -> bool:
+        args = [PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s)]
+        return bool(await self._scripts["delete"](args=args, client=self._db))
+
+    async def purge_expired(self) -> int:
+        oldest_alive = self._clock() - self._limits.ttl_s
+        return int(await self._scripts["purge"](args=[PREFIX, repr(oldest_alive)], client=self._db))
+
+    async def ping(self) -> None:
+        await self._db.ping()
+
+
+def open_redis_store(url: str, limits: StoreLimits, clock: Clock) -> RedisStore:
+    return RedisStore(url, limits, clock)
+
+
+for _scheme in ("redis", "rediss", "unix"):
+    register_store(_scheme)(open_redis_store)
