@@ -8,12 +8,13 @@ marked partial when it was cancelled or broke off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from chatgate.chat.agents import Agent, AgentRegistry
@@ -22,7 +23,13 @@ from chatgate.chat.generation import Generation
 from chatgate.chat.lifecycle import GenerationObserver, Observers
 from chatgate.chat.limits import RateLimiter, StreamCounter
 from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest
-from chatgate.store.base import Conversation, ConversationInfo, ConversationStore, StoredMessage
+from chatgate.store.base import (
+    Conversation,
+    ConversationInfo,
+    ConversationStore,
+    StoredMessage,
+    StoreUnavailable,
+)
 from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
 
 log = logging.getLogger("chatgate.chat")
@@ -212,7 +219,8 @@ class ChatService:
         while True:
             await self._wait_for_conversation(key, wait=wait)
             self._refuse_running_id(namespace, generation_id)
-            history = await self._history(turn, key, remember)
+            with _store_reachable():
+                history = await self._history(turn, key, remember)
             if key not in self._by_conversation:  # nobody started one while we read
                 break
         self._refuse_running_id(namespace, generation_id)
@@ -274,13 +282,15 @@ class ChatService:
     # Conversations ---------------------------------------------------------------------
 
     async def conversations(self, owner: str | None, *, limit: int = 100) -> list[ConversationInfo]:
-        infos = await self.store.list(owner, limit=limit)
+        with _store_reachable():
+            infos = await self.store.list(owner, limit=limit)
         return [_as_seen_by(owner, info) for info in infos]
 
     async def conversation(self, owner: str | None, conversation_id: str) -> Conversation:
         found = None
         if CONVERSATION_ID.fullmatch(conversation_id):
-            found = await self.store.get(conversation_key(owner, conversation_id))
+            with _store_reachable():
+                found = await self.store.get(conversation_key(owner, conversation_id))
         if found is None or found.info.owner != owner:
             raise _no_conversation(conversation_id)
         return Conversation(_as_seen_by(owner, found.info), found.messages)
@@ -292,17 +302,19 @@ class ChatService:
             raise ChatError("bad_request", CONVERSATION_ID_RULE)
         key = conversation_key(owner, conversation_id)
         self._stop_remembering(key)  # the key is the caller's own: a running reply is theirs
-        info = await self.store.info(key)
-        if info is not None and info.owner == owner:
-            await self.store.clear(key)
+        with _store_reachable():
+            info = await self.store.info(key)
+            if info is not None and info.owner == owner:
+                await self.store.clear(key)
 
     async def delete(self, owner: str | None, conversation_id: str) -> None:
         key = conversation_key(owner, conversation_id)
-        info = await self.store.info(key) if CONVERSATION_ID.fullmatch(conversation_id) else None
-        if info is None or info.owner != owner:
-            raise _no_conversation(conversation_id)
-        self._stop_remembering(key)
-        await self.store.delete(key)
+        with _store_reachable():
+            info = await self.store.info(key) if CONVERSATION_ID.fullmatch(conversation_id) else None
+            if info is None or info.owner != owner:
+                raise _no_conversation(conversation_id)
+            self._stop_remembering(key)
+            await self.store.delete(key)
 
     def _stop_remembering(self, key: str) -> None:
         """A running reply must not write back into history the user just erased."""
@@ -489,6 +501,17 @@ def _cancelled_at_once(generation: Generation) -> DoneEvent:
 
 def _shutting_down(generation: Generation) -> ErrorEvent:
     return error_event("internal", "the gateway is shutting down", id=generation.id, retryable=True)
+
+
+@contextlib.contextmanager
+def _store_reachable() -> Iterator[None]:
+    """A store that cannot be reached is a clear, retryable refusal of the request."""
+    try:
+        yield
+    except StoreUnavailable as exc:
+        raise ChatError(
+            "internal", "the conversation store is not reachable; try again in a moment", retryable=True
+        ) from exc
 
 
 def _scoped(scope: str | None) -> str:

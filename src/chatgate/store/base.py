@@ -27,6 +27,11 @@ Clock = Callable[[], float]
 MAX_STORED_MESSAGES = 1000
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (a server that is down or unreachable); the
+    same request may succeed later."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
     role: Role

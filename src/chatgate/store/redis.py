@@ -17,11 +17,15 @@ against the other processes; windowed reads are one ``LRANGE`` of the window.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatgate.store.base import (
     Clock,
@@ -29,6 +33,7 @@ from chatgate.store.base import (
     ConversationInfo,
     StoredMessage,
     StoreLimits,
+    StoreUnavailable,
     register_store,
 )
 from chatgate.store.memory import title_of
@@ -119,6 +124,24 @@ return count
 """
 
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Report a Redis that cannot be reached as :class:`StoreUnavailable`; redis-py
+    reconnects by itself on a later call, so the store recovers when Redis is back."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"Redis is not reachable: {exc}") from exc
+
+    return call
+
+
 def _encode(message: StoredMessage) -> bytes:
     return orjson.dumps([message.role, message.content, message.partial, message.created_at])
 
@@ -178,6 +201,7 @@ class RedisStore:
         updated = fields.get(b"updated")
         return updated is not None and self._clock() - float(updated) <= self._limits.ttl_s
 
+    @_reachable
     async def append(
         self,
         conversation_id: str,
@@ -194,6 +218,7 @@ class RedisStore:
         ]
         await self._scripts["append"](args=args, client=self._db)
 
+    @_reachable
     async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:
         if max_messages <= 0:
             return []
@@ -205,6 +230,7 @@ class RedisStore:
             return []
         return [_decode(item) for item in raw]
 
+    @_reachable
     async def get(self, conversation_id: str) -> Conversation | None:
         async with self._db.pipeline(transaction=False) as pipe:
             pipe.hgetall(PREFIX + "c:" + conversation_id)
@@ -214,6 +240,7 @@ class RedisStore:
             return None
         return Conversation(_info(conversation_id, fields, len(raw)), [_decode(item) for item in raw])
 
+    @_reachable
     async def info(self, conversation_id: str) -> ConversationInfo | None:
         async with self._db.pipeline(transaction=False) as pipe:
             pipe.hgetall(PREFIX + "c:" + conversation_id)
@@ -223,6 +250,7 @@ class RedisStore:
             return None
         return _info(conversation_id, fields, count)
 
+    @_reachable
     async def list(self, owner: str | None, *, limit: int = 100) -> list[ConversationInfo]:
         if limit <= 0:
             return []
@@ -242,18 +270,22 @@ class RedisStore:
                 infos.append(_info(conversation_id, fields, count))
         return infos
 
+    @_reachable
     async def clear(self, conversation_id: str) -> None:
         args = [PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s), self._expire]
         await self._scripts["clear"](args=args, client=self._db)
 
+    @_reachable
     async def delete(self, conversation_id: str) -> bool:
         args = [PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s)]
         return bool(await self._scripts["delete"](args=args, client=self._db))
 
+    @_reachable
     async def purge_expired(self) -> int:
         oldest_alive = self._clock() - self._limits.ttl_s
         return int(await self._scripts["purge"](args=[PREFIX, repr(oldest_alive)], client=self._db))
 
+    @_reachable
     async def ping(self) -> None:
         await self._db.ping()
 

@@ -114,9 +114,9 @@ class RedisServer:
             self.process.wait()
 
 
-def start_redis() -> RedisServer:
-    """Start ``redis-server`` on a free port; returns once it answers PING."""
-    port = free_port()
+def start_redis(port: int | None = None) -> RedisServer:
+    """Start ``redis-server`` on ``port`` (a free one by default); returns once it answers PING."""
+    port = port or free_port()
     process = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--protected-mode", "yes"],
