@@ -346,8 +346,11 @@ def test_ready_line_names_this_machine_for_a_wildcard_bind(tmp_path: Path, fake:
 
 
 def test_several_workers_say_ready_once_and_serve(tmp_path: Path, fake: FakeLLM) -> None:
-    with served(tmp_path, "--workers", "2", OLLAMA_HOST=fake.url) as gw:
+    store = f"sqlite:///{tmp_path}/workers.db"
+    with served(tmp_path, "--workers", "2", OLLAMA_HOST=fake.url, CHATGATE_STORE=store) as gw:
         ready = gw.wait_ready()
+        [warning] = [r for r in gw.records() if r.get("level") == "warning" and "workers" in r.get("msg", "")]
+        assert "resumed or cancelled only" in warning["msg"]
         assert ready["url"] == gw.url
         answer = httpx.post(f"{gw.url}/chat", json={"message": "hi"}, timeout=30)
         assert answer.status_code == 200, answer.text
@@ -363,3 +366,15 @@ def test_several_workers_say_ready_once_and_serve(tmp_path: Path, fake: FakeLLM)
 )
 def test_url_of_a_bind_address(host: str, url: str) -> None:
     assert url_of(host, 80) == url
+
+
+def test_several_workers_refuse_the_memory_store(tmp_path: Path) -> None:
+    result = subprocess.run(
+        serve_command("--port", str(free_port()), "--workers", "2"),
+        env=environment(tmp_path), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "chatgate: configuration error: CHATGATE_WORKERS: 2 workers cannot share the memory store; "
+        "use CHATGATE_STORE=sqlite:///path.db or redis://host:port/db"
+    ]

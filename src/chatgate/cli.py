@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
     from chatgate.chat.agents import AgentFileError, load_agents
     from chatgate.config import ConfigError, load_settings
     from chatgate.observability import setup_logging
-    from chatgate.serve import bind, run, store_problem
+    from chatgate.serve import bind, run, store_problem, workers_problem
 
     # Flags win: they become the primary variables, which is also how worker processes see them.
     for flag, variable in (("host", "CHATGATE_HOST"), ("port", "CHATGATE_PORT"), ("workers", "CHATGATE_WORKERS")):
@@ -28,13 +29,19 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings()
         load_agents(settings.agents_dir)
-        problem = configuration_problem(settings) or store_problem(settings)
+        problem = configuration_problem(settings) or store_problem(settings) or workers_problem(settings)
         if problem:
             raise ConfigError(problem)
     except (ConfigError, AgentFileError) as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    if settings.workers > 1:
+        logging.getLogger("chatgate").warning(
+            f"{settings.workers} workers share conversations through the store, but a reply can be "
+            "resumed or cancelled only from a connection that reaches the worker running it",
+            extra={"workers": settings.workers, "store": settings.store_url.split(":", 1)[0]},
+        )
     config = uvicorn.Config(
         "chatgate.app:app_from_environment",
         factory=True,

@@ -84,6 +84,17 @@ def store_problem(settings: Settings) -> str | None:
     return None
 
 
+def workers_problem(settings: Settings) -> str | None:
+    """Several workers with the memory store would each keep conversations of their own,
+    so a conversation's next turn could land where its history is not."""
+    if settings.workers > 1 and (urlsplit(settings.store_url).scheme or settings.store_url) == "memory":
+        return (
+            f"CHATGATE_WORKERS: {settings.workers} workers cannot share the memory store; "
+            "use CHATGATE_STORE=sqlite:///path.db or redis://host:port/db"
+        )
+    return None
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound but not yet listening: the server listens once the
     application has started. Like ``uvicorn.Config.bind_socket``, which exits instead of
