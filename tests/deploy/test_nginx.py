@@ -21,7 +21,14 @@ from websockets.asyncio.client import connect
 from websockets.typing import Origin
 
 from chatgate.testing.fake_llm import fake_reply
-from chatgate.testing.servers import FakeLLM, RunningGateway, free_port, wait_until
+from chatgate.testing.servers import (
+    FakeLLM,
+    RedisServer,
+    RunningGateway,
+    free_port,
+    run_gateway,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "nginx.conf"
@@ -38,11 +45,15 @@ def nginx_binary() -> str:
     return found
 
 
-def render(listen: str, upstream: str) -> str:
-    """What ``envsubst '$NGINX_LISTEN $CHATGATE_UPSTREAM'`` makes of the template."""
+def render(listen: str, upstream: str, *more_upstreams: str) -> str:
+    """What ``envsubst '$NGINX_LISTEN $CHATGATE_UPSTREAM'`` makes of the template; further
+    instances get a ``server`` line each, as the template's comment says."""
     text = TEMPLATE.read_text()
     assert set(re.findall(r"\$\{(\w+)\}", text)) == {"NGINX_LISTEN", "CHATGATE_UPSTREAM"}
-    return text.replace("${NGINX_LISTEN}", listen).replace("${CHATGATE_UPSTREAM}", upstream)
+    line = "server ${CHATGATE_UPSTREAM};"
+    assert line in text
+    servers = "\n        ".join(f"server {address};" for address in (upstream, *more_upstreams))
+    return text.replace("${NGINX_LISTEN}", listen).replace(line, servers)
 
 
 def accepts(port: int) -> bool:
@@ -54,12 +65,12 @@ def accepts(port: int) -> bool:
 
 
 @contextmanager
-def run_nginx(prefix: Path, upstream: str) -> Iterator[str]:
+def run_nginx(prefix: Path, upstream: str, *more_upstreams: str) -> Iterator[str]:
     """nginx in the foreground on a free loopback port, everything it writes under ``prefix``."""
     binary = nginx_binary()
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(render(f"127.0.0.1:{port}", upstream))
+    conf.write_text(render(f"127.0.0.1:{port}", upstream, *more_upstreams))
     stderr = prefix / "stderr.log"
     with stderr.open("w") as err:
         process = subprocess.Popen(
@@ -156,3 +167,29 @@ def test_http_stream_arrives_in_pieces(behind_nginx: tuple[str, RunningGateway],
     assert first_at < record["finished_at"] - 0.5, "nginx held the answer back until it was complete"
     arrival_times = {round(at, 2) for at, _ in pieces}
     assert len(arrival_times) >= 5, f"only {len(pieces)} pieces: the stream was buffered"
+
+
+def test_two_instances_on_one_redis_share_conversations(
+    fake: FakeLLM, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Behind nginx's round robin, each turn may reach either instance: with the Redis
+    store each one finds the conversation the other wrote."""
+    fake.configure(tokens=3)
+    settings = {"provider": "ollama", "ollama_host": fake.url, "model": "fake-model", "store": f"{redis_server.url}/4"}
+    with (
+        run_gateway(data_dir=tmp_path / "a", **settings) as a,
+        run_gateway(data_dir=tmp_path / "b", **settings) as b,
+        run_nginx(tmp_path, a.url.removeprefix("http://"), b.url.removeprefix("http://")) as address,
+    ):
+        for turn in range(1, 5):
+            answer = httpx.post(
+                f"http://{address}/chat", json={"message": f"turn {turn}", "conversation_id": "via-nginx"}, timeout=10
+            )
+            assert answer.status_code == 200, answer.text
+        served = [len(gw.gateway.service.generations()) for gw in (a, b)]
+    assert all(count >= 1 for count in served), f"one instance answered every turn: {served}"
+    chats = [r for r in fake.requests() if r["path"] == "/api/chat"]
+    reply = fake_reply(3)
+    assert [m["content"] for m in chats[-1]["body"]["messages"] if m["role"] != "system"] == [
+        "turn 1", reply, "turn 2", reply, "turn 3", reply, "turn 4"
+    ]
