@@ -56,7 +56,6 @@ from chatgate.api.dialects.base import (
     Resume,
     bad,
 )
-from chatgate.api.limits import SizeLimits
 from chatgate.chat.events import ChatError, Event, error_event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
@@ -162,7 +161,7 @@ class Connection:
                 assert_never(command)
 
     async def _start(self, turn: Turn, *, wait: bool = False) -> Generation:
-        limit = SizeLimits.of(self.gateway.settings).message_bytes
+        limit = self.peer.limits.message_bytes
         if len(turn.message) * 4 > limit and len(turn.message.encode()) > limit:
             # Frames may carry history besides the message (CS_Agent); the message has its own cap.
             raise ChatError("too_large", f"message larger than {limit} bytes")

@@ -41,6 +41,16 @@ def wait_until(predicate: Any, *, timeout: float, interval: float = 0.02, what: 
         time.sleep(interval)
 
 
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """Terminate ``process``, killing it if it has not ended within 5 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class FakeLLM:
     """Handle on a running ``chatgate fake-llm`` process and its control API."""
@@ -70,12 +80,7 @@ class FakeLLM:
         return records
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def start_fake_llm(*args: str) -> FakeLLM:
@@ -106,12 +111,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 def start_redis(port: int | None = None) -> RedisServer:

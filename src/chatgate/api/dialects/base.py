@@ -101,6 +101,11 @@ class Peer:
     client: str | None = None
     #: This connection's own namespace for the generation ids an anonymous client chooses.
     scope: str | None = None
+    #: The size limits, derived from the settings once per connection rather than per frame.
+    limits: SizeLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = SizeLimits.of(self.gateway.settings)
 
 
 class Dialect(ABC):
@@ -122,7 +127,7 @@ class Dialect(ABC):
     def max_frame_bytes(self) -> int:
         """The largest frame read at all; the message in it has its own, smaller cap, so a
         message slightly too long is refused in the dialect's terms (with its ``task_id``…)."""
-        return SizeLimits.of(self.peer.gateway.settings).body_bytes
+        return self.peer.limits.body_bytes
 
     @abstractmethod
     async def decode(self, frame: dict[str, Any]) -> Command:

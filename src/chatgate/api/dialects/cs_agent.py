@@ -34,7 +34,6 @@ from chatgate.api.dialects.base import (
     optional_str,
     register_dialect,
 )
-from chatgate.api.limits import SizeLimits
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 from chatgate.vocabulary import Message, Role
@@ -53,7 +52,7 @@ class CsAgentDialect(Dialect):
         return "messages" in frame or frame.get("type") == "clear_history"
 
     def max_frame_bytes(self) -> int:
-        return SizeLimits.of(self.peer.gateway.settings).history_bytes
+        return self.peer.limits.history_bytes
 
     async def decode(self, frame: dict[str, Any]) -> Command:
         kind = frame.get("type")
