@@ -54,8 +54,13 @@ RULES = (
     ),
     Rule(
         "chatgate.chat",
-        ("chatgate.api",),
-        "the chat service is the same for every wire protocol",
+        ("chatgate.api", "chatgate.cluster"),
+        "the chat service is the same for every wire protocol, one instance or many",
+    ),
+    Rule(
+        "chatgate.cluster",
+        ("chatgate.api", "chatgate.providers"),
+        "what instances share is below the wire protocols and beside the upstreams",
     ),
     Rule(
         "chatgate",

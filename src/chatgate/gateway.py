@@ -13,6 +13,10 @@ import logging
 from dataclasses import dataclass
 
 import aiohttp
+import redis.asyncio as aioredis
+
+from chatgate import cluster
+from chatgate.cluster.instances import Instance
 
 from chatgate.chat.agents import AgentRegistry
 from chatgate.chat.limits import RateLimiter
@@ -38,6 +42,9 @@ class Gateway:
     agents: AgentRegistry
     service: ChatService
     metrics: Metrics
+    #: With a Redis store: the client for what instances share, and this instance.
+    redis: aioredis.Redis | None = None
+    instance: Instance | None = None
     websockets_open: int = 0
 
 
@@ -47,6 +54,11 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
     )
     await store.open()
+    redis, instance = None, None
+    if cluster.is_redis(settings.store_url):
+        redis = cluster.connect(settings.store_url)
+        instance = Instance(redis)
+        await instance.start()
     provider, session = await build_provider(settings)
     metrics = Metrics(provider.name)
     service = ChatService(
@@ -61,7 +73,7 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         max_streams_per_client=settings.max_streams_per_client,
         observers=[metrics],
     )
-    return Gateway(settings, provider, session, store, agents, service, metrics)
+    return Gateway(settings, provider, session, store, agents, service, metrics, redis, instance)
 
 
 async def close_gateway(gateway: Gateway) -> None:
@@ -69,6 +81,10 @@ async def close_gateway(gateway: Gateway) -> None:
     await gateway.provider.aclose()
     await gateway.session.close()
     await gateway.store.close()
+    if gateway.instance is not None:
+        await gateway.instance.stop()
+    if gateway.redis is not None:
+        await gateway.redis.aclose()
 
 
 async def purge_forever(store: ConversationStore) -> None:
