@@ -8,13 +8,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatgate.store import ConversationStore, StoredMessage, StoreLimits, open_store
-from chatgate.store.sqlite import MIGRATIONS
+from chatgate.store.base import MAX_OPEN_TURNS
+from chatgate.store.memory import MemoryStore
+from chatgate.store.redis import PREFIX, RedisStore
+from chatgate.store.sqlite import MIGRATIONS, SqliteStore
 from chatgate.testing.servers import RedisServer
 
 TTL = 100.0
@@ -337,6 +341,390 @@ async def test_cancelled_writes_leave_store_usable(store: ConversationStore) -> 
     assert len(got) == len(set(got))
 
 
+# Turns written as they happen -----------------------------------------------------------
+
+
+async def open_turn_records(store: ConversationStore) -> int:
+    """How many open-turn records the backend holds, wherever it keeps them: the contract
+    says they do not pile up, which no public method can show."""
+    if isinstance(store, MemoryStore):
+        return len(store._turns)
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as db:
+            (count,) = db.execute("SELECT COUNT(*) FROM open_turns").fetchone()
+        db.close()
+        return int(count)
+    assert isinstance(store, RedisStore)
+    client = redis.Redis.from_url(store.url)
+    try:
+        turns = await client.keys(f"{PREFIX}turn:*")
+        per_conversation = await client.keys(f"{PREFIX}turns:*")
+    finally:
+        await client.aclose()
+    return len(turns) + len(per_conversation)
+
+
+async def test_begun_turn_shows_the_user_message(
+    store: ConversationStore, clock: FakeClock
+) -> None:
+    await store.begin_turn("c", "t1", user("why is the sky blue?"), owner="alice", agent="coder")
+
+    assert await store.window("c", 10) == [user("why is the sky blue?")]
+    info = await store.info("c")
+    assert info is not None
+    assert (info.owner, info.agent, info.title, info.message_count) == (
+        "alice",
+        "coder",
+        "why is the sky blue?",
+        1,
+    )
+    assert info.created_at == info.updated_at == clock.now
+    assert [i.id for i in await store.list("alice")] == ["c"]
+
+
+async def test_checkpoints_keep_one_partial_answer_in_place(
+    store: ConversationStore, clock: FakeClock
+) -> None:
+    await store.append("c", [user("earlier"), assistant("reply")])
+    await store.begin_turn("c", "t1", user("question"))
+    clock.advance(1)
+    await store.checkpoint("c", "t1", "The sky")
+    assert await store.window("c", 10) == [
+        user("earlier"),
+        assistant("reply"),
+        user("question"),
+        assistant("The sky", partial=True, created_at=clock.now),
+    ]
+
+    for text in ("The sky is", "The sky is blue because"):
+        clock.advance(1)
+        await store.checkpoint("c", "t1", text)
+    window = await store.window("c", 10)
+    assert window[-1] == assistant("The sky is blue because", partial=True, created_at=clock.now)
+    assert [m.content for m in window[:-1]] == ["earlier", "reply", "question"]
+    info = await store.info("c")
+    assert info is not None
+    assert (info.message_count, info.updated_at) == (4, clock.now)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+async def test_end_writes_the_final_answer(store: ConversationStore, partial: bool) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    await store.checkpoint("c", "t1", "half")
+    final = assistant("the whole answer", partial=partial, created_at=7.5)
+    await store.end_turn("c", "t1", final)
+
+    assert await store.window("c", 10) == [user("question"), final]
+    assert (await store.info("c")).message_count == 2  # type: ignore[union-attr]
+    await store.end_turn("c", "t1", assistant("again"))  # closed: nothing happens
+    await store.checkpoint("c", "t1", "late")
+    assert await store.window("c", 10) == [user("question"), final]
+
+
+async def test_end_without_checkpoint_appends_the_answer(store: ConversationStore) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    await store.end_turn("c", "t1", assistant("answer"))
+    assert await store.window("c", 10) == [user("question"), assistant("answer")]
+
+
+async def test_end_with_nothing_answered_takes_the_turn_back(
+    store: ConversationStore, clock: FakeClock
+) -> None:
+    await store.append("old", [user("earlier"), assistant("reply")], owner="alice")
+    for checkpointed in (False, True):
+        await store.begin_turn("old", f"t-{checkpointed}", user("question"), owner="alice")
+        if checkpointed:
+            await store.checkpoint("old", f"t-{checkpointed}", "half")
+        clock.advance(1)
+        await store.end_turn("old", f"t-{checkpointed}", None)
+        assert await contents(store, "old") == ["earlier", "reply"]
+        info = await store.info("old")
+        assert info is not None
+        assert (info.message_count, info.title, info.updated_at) == (2, "earlier", clock.now)
+
+    await store.begin_turn("new", "t-new", user("first words"), owner="alice")
+    await store.checkpoint("new", "t-new", "half")
+    await store.end_turn("new", "t-new", None)
+    assert await store.info("new") is None  # only this turn made it: nothing to keep
+    assert [i.id for i in await store.list("alice")] == ["old"]
+    assert await store.interrupted("t-new") is None
+    assert await open_turn_records(store) == 0
+
+
+async def test_a_conversation_the_turn_made_stays_when_another_writer_used_it(
+    store: ConversationStore,
+) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    await store.append("c", [user("from elsewhere")])
+    await store.end_turn("c", "t1", None)
+    assert await contents(store, "c") == ["from elsewhere"]
+
+
+async def test_interrupted_names_the_conversation_of_an_unfinished_turn(
+    store: ConversationStore,
+) -> None:
+    assert await store.interrupted("owner/never-begun") is None
+    await store.begin_turn("alice:c", "alice/gen-1", user("question"), owner="alice")
+    assert await store.interrupted("alice/gen-1") == "alice:c"
+    await store.checkpoint("alice:c", "alice/gen-1", "half")
+    assert await store.interrupted("alice/gen-1") == "alice:c"
+    assert await store.interrupted("alice/gen-2") is None
+
+    await store.end_turn("alice:c", "alice/gen-1", assistant("done"))
+    assert await store.interrupted("alice/gen-1") is None
+    assert await open_turn_records(store) == 0
+
+
+async def test_a_turn_is_written_only_to_its_own_conversation(store: ConversationStore) -> None:
+    await store.begin_turn("a", "t1", user("question"))
+    await store.append("b", [user("other")])
+    await store.checkpoint("b", "t1", "misdirected")
+    await store.end_turn("b", "t1", assistant("misdirected"))
+    assert await contents(store, "b") == ["other"]
+    assert await store.interrupted("t1") == "a"
+
+
+@pytest.mark.parametrize("erase", ["clear", "delete"])
+async def test_erased_history_stays_erased(
+    store: ConversationStore, clock: FakeClock, erase: str
+) -> None:
+    await store.append("c", [user("earlier"), assistant("reply")], owner="alice")
+    await store.begin_turn("c", "t1", user("question"), owner="alice")
+    await store.checkpoint("c", "t1", "half")
+    clock.advance(1)
+    await (store.clear("c") if erase == "clear" else store.delete("c"))
+    erased = await store.info("c")
+
+    clock.advance(1)
+    await store.checkpoint("c", "t1", "more")
+    await store.end_turn("c", "t1", assistant("all of it"))
+    await store.end_turn("c", "t1", None)
+
+    assert await store.info("c") == erased
+    assert await store.window("c", 10) == []
+    assert await store.interrupted("t1") is None
+    assert await open_turn_records(store) == 0
+    if erase == "clear":  # the conversation goes on with new turns
+        await store.begin_turn("c", "t2", user("again"), owner="alice")
+        await store.end_turn("c", "t2", assistant("yes"))
+        assert await contents(store, "c") == ["again", "yes"]
+
+
+async def test_interleaved_turns_in_two_conversations(store: ConversationStore) -> None:
+    await store.begin_turn("a", "ta", user("a?"), owner="alice")
+    await store.begin_turn("b", "tb", user("b?"), owner="bob")
+    for n in range(1, 4):
+        await store.checkpoint("a", "ta", "a" * n)
+        await store.checkpoint("b", "tb", "b" * n)
+    assert await store.interrupted("ta") == "a"
+    assert await store.interrupted("tb") == "b"
+    await store.end_turn("b", "tb", None)
+    await store.end_turn("a", "ta", assistant("a!"))
+
+    assert await store.window("a", 10) == [user("a?"), assistant("a!")]
+    assert await store.info("b") is None
+    assert await store.interrupted("ta") is None
+    assert await store.interrupted("tb") is None
+
+
+async def test_answer_follows_messages_another_writer_added(store: ConversationStore) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    await store.append("c", [user("meanwhile")])
+    await store.checkpoint("c", "t1", "half")
+    await store.append("c", [user("and"), user("more")])
+    await store.checkpoint("c", "t1", "nearly")
+    assert await contents(store, "c") == ["question", "meanwhile", "nearly", "and", "more"]
+    await store.end_turn("c", "t1", None)
+    assert await contents(store, "c") == ["meanwhile", "and", "more"]
+
+
+async def test_windowed_read_of_a_long_conversation_mid_turn(store: ConversationStore) -> None:
+    for n in range(20):
+        await store.append("c", [user(f"q{n}"), assistant(f"a{n}")])
+    await store.begin_turn("c", "t1", user("last question"))
+    await store.checkpoint("c", "t1", "so far")
+
+    assert [(m.content, m.partial) for m in await store.window("c", 1)] == [("so far", True)]
+    assert await contents(store, "c", 3) == ["a19", "last question", "so far"]
+    assert len(await store.window("c", 100)) == 42
+    assert (await store.info("c")).message_count == 42  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("limits", [StoreLimits(ttl_s=TTL, max_messages=3)], ids=["keep3"])
+async def test_turns_respect_the_message_cap(store: ConversationStore) -> None:
+    await store.append("c", [user("1"), assistant("2"), user("3")])
+    await store.begin_turn("c", "t1", user("4"))
+    assert await contents(store, "c") == ["2", "3", "4"]
+    await store.checkpoint("c", "t1", "5")
+    await store.checkpoint("c", "t1", "5!")
+    assert await contents(store, "c") == ["3", "4", "5!"]
+    await store.end_turn("c", "t1", assistant("5!!"))
+    assert await contents(store, "c") == ["3", "4", "5!!"]
+    assert (await store.info("c")).message_count == 3  # type: ignore[union-attr]
+
+
+async def test_expiry_closes_open_turns(store: ConversationStore, clock: FakeClock) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    await store.checkpoint("c", "t1", "half")
+    clock.advance(TTL / 2)
+    await store.checkpoint("c", "t1", "more")  # a checkpoint is a write: it extends life
+    clock.advance(TTL / 2 + 1)
+    assert await store.interrupted("t1") == "c"
+
+    clock.advance(TTL / 2)
+    assert await store.interrupted("t1") is None
+    await store.checkpoint("c", "t1", "too late")
+    await store.end_turn("c", "t1", assistant("too late"))
+    assert await store.info("c") is None
+    assert await store.purge_expired() == 1
+    assert await open_turn_records(store) == 0
+
+
+async def test_a_new_conversation_on_an_expired_id_forgets_its_turns(
+    store: ConversationStore, clock: FakeClock
+) -> None:
+    await store.begin_turn("c", "t1", user("old"))
+    clock.advance(TTL + 1)
+    await store.begin_turn("c", "t2", user("new"))
+    await store.checkpoint("c", "t1", "stale")
+    assert await store.interrupted("t1") is None
+    assert await store.interrupted("t2") == "c"
+    assert await contents(store, "c") == ["new"]
+
+
+@pytest.mark.parametrize("limits", [StoreLimits(ttl_s=TTL, max_conversations=2)], ids=["cap2"])
+async def test_eviction_closes_open_turns(store: ConversationStore, clock: FakeClock) -> None:
+    await store.begin_turn("a", "ta", user("a"))
+    clock.advance(1)
+    await store.begin_turn("b", "tb", user("b"))
+    clock.advance(1)
+    await store.checkpoint("a", "ta", "a is used again")  # now b is the oldest write
+    clock.advance(1)
+    await store.begin_turn("c", "tc", user("c"))
+
+    assert await store.info("b") is None
+    assert await store.interrupted("tb") is None
+    assert (await store.interrupted("ta"), await store.interrupted("tc")) == ("a", "c")
+    assert await open_turn_records(store) in (2, 4)  # Redis: a key per turn, a set per conversation
+
+
+async def test_open_turns_per_conversation_are_bounded(store: ConversationStore) -> None:
+    crashed = [f"gen-{n}" for n in range(MAX_OPEN_TURNS + 2)]
+    for turn_id in crashed:  # every process died before the end
+        await store.begin_turn("c", turn_id, user(turn_id))
+        await store.checkpoint("c", turn_id, f"half of {turn_id}")
+
+    assert [await store.interrupted(t) for t in crashed[:2]] == [None, None]
+    assert all([await store.interrupted(t) == "c" for t in crashed[2:]])
+    assert await contents(store, "c", 4) == [
+        crashed[-2],
+        f"half of {crashed[-2]}",
+        crashed[-1],
+        f"half of {crashed[-1]}",
+    ]
+    records = await open_turn_records(store)
+    assert records in (MAX_OPEN_TURNS, MAX_OPEN_TURNS + 1)
+    await store.delete("c")
+    assert await open_turn_records(store) == 0
+
+
+async def test_a_crashed_turn_stays_in_history_as_partial(store: ConversationStore) -> None:
+    await store.begin_turn("c", "dead", user("first"))
+    await store.checkpoint("c", "dead", "cut off")
+    await store.begin_turn("c", "next", user("second"))
+    await store.end_turn("c", "next", assistant("answered"))
+
+    window = await store.window("c", 10)
+    assert [(m.content, m.partial) for m in window] == [
+        ("first", False),
+        ("cut off", True),
+        ("second", False),
+        ("answered", False),
+    ]
+    assert await store.interrupted("dead") == "c"
+
+
+async def test_cancelled_turn_writes_leave_store_usable(store: ConversationStore) -> None:
+    await store.begin_turn("c", "t1", user("question"))
+    for yields in range(8):
+        task = asyncio.create_task(store.checkpoint("c", "t1", f"text {yields}"))
+        for _ in range(yields):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await store.checkpoint("c", "t1", "last")
+    assert await contents(store, "c") == ["question", "last"]
+
+
+async def test_redis_turn_keys_expire_with_their_conversation(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    url = f"{redis_server.url}/1"
+    client = redis.Redis.from_url(url)
+    await client.flushdb()
+    store = open_store(url, StoreLimits(ttl_s=TTL), clock)
+    await store.open()
+    try:
+        expiring = [f"{PREFIX}{key}" for key in ("c:c", "m:c", "turn:ns/gen", "turns:c")]
+        await store.begin_turn("c", "ns/gen", user("question"))
+        ttls = [await client.ttl(key) for key in expiring]
+        assert all(0 < ttl <= TTL + 60 for ttl in ttls), ttls
+        await store.checkpoint("c", "ns/gen", "half")
+        ttls = [await client.ttl(key) for key in expiring]
+        assert all(0 < ttl <= TTL + 60 for ttl in ttls), ttls
+        entries = [orjson.loads(raw) for raw in await client.lrange(f"{PREFIX}m:c", 0, -1)]
+        assert [len(entry) for entry in entries] == [5, 5]
+        await store.append("c", [user("plain")])
+        assert len(orjson.loads(await client.lindex(f"{PREFIX}m:c", -1))) == 4
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def test_sqlite_migrates_a_version_two_database(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "v2.db"
+    db = sqlite3.connect(path)
+    db.executescript(
+        """
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY, owner TEXT NULL, agent TEXT NOT NULL,
+            title TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
+        CREATE TABLE messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL, content TEXT NOT NULL, partial INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL);
+        CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+        CREATE INDEX conversations_by_updated ON conversations(updated_at);
+        INSERT INTO conversations VALUES ('alice:c', 'alice', 'coder', 'hi', 1, 1);
+        INSERT INTO messages (conversation_id, role, content, partial, created_at)
+            VALUES ('alice:c', 'user', 'hi', 0, 1), ('alice:c', 'assistant', 'hel', 1, 2);
+        PRAGMA user_version = 2;
+        """
+    )
+    db.commit()
+    db.close()
+
+    store = open_store(f"sqlite:///{path}", StoreLimits(ttl_s=1e9), clock)
+    await store.open()
+    try:
+        before = [user("hi", created_at=1.0), assistant("hel", partial=True, created_at=2.0)]
+        conversation = await store.get("alice:c")
+        assert conversation is not None
+        assert conversation.messages == before
+        assert (conversation.info.owner, conversation.info.agent) == ("alice", "coder")
+        await store.begin_turn("alice:c", "alice/g", user("more"), owner="alice")
+        assert await store.interrupted("alice/g") == "alice:c"
+        await store.end_turn("alice:c", "alice/g", assistant("sure"))
+        assert await store.window("alice:c", 10) == [*before, user("more"), assistant("sure")]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    db.close()
+
+
 async def test_sqlite_persists_across_reopen(tmp_path: Path, clock: FakeClock) -> None:
     url = f"sqlite:///{tmp_path}/nested/dir/chat.db"
     first = open_store(url, StoreLimits(ttl_s=TTL), clock)
@@ -403,7 +791,9 @@ def test_bad_urls_are_refused(url: str) -> None:
 steps = st.lists(
     st.tuples(
         st.sampled_from(["a", "b", "c", "d"]),
-        st.sampled_from(["append", "append", "append", "clear", "delete"]),
+        st.sampled_from(
+            ["append", "append", "append", "clear", "delete", "begin", "checkpoint", "end", "end"]
+        ),
         st.lists(
             st.tuples(st.sampled_from(["user", "assistant"]), st.text(max_size=8), st.booleans()),
             max_size=4,
@@ -420,16 +810,33 @@ async def replay(history: list[Any]) -> None:
     stores = [open_store(url, limits, clock) for url in ["memory", "sqlite:///:memory:"]]
     for store in stores:
         await store.open()
+    # A checkpoint or end names the conversation's latest turn, open or not; in one that
+    # never began a turn it names conversation a's, which must write nothing there.
+    latest: dict[str, str] = {}
+    begun: list[str] = []
     try:
-        for cid, action, payload, seconds in history:
+        for step, (cid, action, payload, seconds) in enumerate(history):
             messages = [StoredMessage(role=r, content=c, partial=p) for r, c, p in payload]
+            text = "".join(m.content for m in messages)
+            if action == "begin":
+                latest[cid] = f"{cid}/{step}"
+                begun.append(latest[cid])
+            turn_id = latest.get(cid) or latest.get("a", "a/none")
             for store in stores:
+                owner = "o" if cid < "c" else None
                 if action == "append":
-                    await store.append(cid, messages, owner="o" if cid < "c" else None)
+                    await store.append(cid, messages, owner=owner)
                 elif action == "clear":
                     await store.clear(cid)
-                else:
+                elif action == "delete":
                     await store.delete(cid)
+                elif action == "begin":
+                    await store.begin_turn(cid, turn_id, user(text), owner=owner)
+                elif action == "checkpoint":
+                    await store.checkpoint(cid, turn_id, text)
+                else:
+                    answer = assistant(text, partial=len(messages) == 1) if messages else None
+                    await store.end_turn(cid, turn_id, answer)
             clock.advance(seconds)
             memory, sqlite = stores
             for other in "abcd":
@@ -437,6 +844,8 @@ async def replay(history: list[Any]) -> None:
                 assert await memory.info(other) == await sqlite.info(other)
             for owner in ("o", None):
                 assert await memory.list(owner) == await sqlite.list(owner)
+            for turn_id in begun:
+                assert await memory.interrupted(turn_id) == await sqlite.interrupted(turn_id)
         assert await stores[0].purge_expired() == await stores[1].purge_expired()
     finally:
         for store in stores:

@@ -8,6 +8,20 @@ above ``max_conversations`` the least recently used one is evicted on write.
 
 Time comes from an injected ``clock`` (seconds, like :func:`time.time`) so tests drive
 expiry without sleeping.
+
+A turn is written as it happens, so a process killed mid-answer leaves history a client
+can read: :meth:`ConversationStore.begin_turn` stores the user's message and records the
+turn as open, :meth:`~ConversationStore.checkpoint` keeps the answer so far in one
+assistant message marked partial (written the first time, then rewritten in place, so a
+conversation does not grow with each checkpoint), and :meth:`~ConversationStore.end_turn`
+writes the final answer, or takes the whole turn back when nothing was answered. Each
+call is one atomic write, like :meth:`~ConversationStore.append`, and counts as use of the
+conversation for expiry and eviction. Once the conversation is deleted, cleared or
+expired, the turn is closed: its later checkpoints and end write nothing, so erased
+history stays erased. A turn that was begun and never ended is one whose process died;
+:meth:`~ConversationStore.interrupted` says so while its conversation lives. Open-turn
+records leave with their conversation, and at most :data:`MAX_OPEN_TURNS` are kept per
+conversation (only a crash leaves one behind).
 """
 
 from __future__ import annotations
@@ -25,6 +39,10 @@ Clock = Callable[[], float]
 #: Messages kept per conversation; older ones are dropped. Far above any window sent
 #: to a model, it only bounds what one conversation can occupy.
 MAX_STORED_MESSAGES = 1000
+
+#: Open turns remembered per conversation; beginning one more forgets the oldest. A
+#: conversation answers one turn at a time, so only turns whose process died add up.
+MAX_OPEN_TURNS = 8
 
 
 class StoreUnavailable(Exception):
@@ -87,6 +105,40 @@ class ConversationStore(Protocol):
     ) -> None:
         """Add messages, creating the conversation when new (owner and agent are
         recorded at creation only), then evict least recently used ones over the cap."""
+        ...
+
+    async def begin_turn(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        user: StoredMessage,
+        *,
+        owner: str | None = None,
+        agent: str = "general",
+    ) -> None:
+        """Append the user's message as :meth:`append` does and record ``turn_id`` (unique
+        per generation) as open in this conversation."""
+        ...
+
+    async def checkpoint(self, conversation_id: str, turn_id: str, text: str) -> None:
+        """Keep the answer so far: the turn's assistant message, partial, holding ``text``
+        and stamped with the clock. The first checkpoint appends it; later ones rewrite
+        it in place. Nothing happens when the turn is not open in this conversation."""
+        ...
+
+    async def end_turn(
+        self, conversation_id: str, turn_id: str, answer: StoredMessage | None
+    ) -> None:
+        """Close the turn. With an ``answer`` (an assistant message), it replaces the
+        checkpointed one, or is appended when there was none. With ``None`` nothing was
+        answered and the client will ask again: the turn's messages are removed, and a
+        conversation this turn created and left empty is deleted. Nothing happens when
+        the turn is not open in this conversation."""
+        ...
+
+    async def interrupted(self, turn_id: str) -> str | None:
+        """The conversation of ``turn_id`` when it was begun and never ended (its process
+        died), while that conversation lives; ``None`` otherwise."""
         ...
 
     async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:

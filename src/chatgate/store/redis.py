@@ -3,16 +3,27 @@ Redis (``redis://host:port/db``, ``rediss://…``, ``unix:///path.sock``).
 
 Keys, under the ``chatgate:`` prefix::
 
-    c:{id}        hash: owner (absent when anonymous), agent, title, created, updated
+    c:{id}        hash: owner (absent when anonymous), agent, title, created, updated,
+                  turns (how many turns were begun: the order of open ones)
     m:{id}        list of messages, oldest first, JSON [role, content, partial, created_at]
+                  with the turn id as a fifth element when a turn wrote the message
     recent        sorted set: every conversation by its last write (eviction, purging)
     o:{owner}     sorted set per owner (``anon`` for anonymous callers): listing
+    turn:{turn}   hash of an open turn: conversation, created ("1" when the turn made it)
+    turns:{id}    sorted set: the conversation's open turns, oldest first
 
 Expiry compares ``updated`` with the injected clock, as the other stores do, so all of
 them agree at the boundary; each write also sets a Redis ``EXPIRE`` a little past the
 idle limit, so a conversation nobody returns to leaves Redis's memory even when no
 process purges. Every write of a turn is one script, so one round trip, and atomic
 against the other processes; windowed reads are one ``LRANGE`` of the window.
+
+A turn finds its messages by their turn id, scanning from the newest: they are almost
+always the last one or two, so only the last two entries are read unless another writer
+came in between. The id is matched as the entry's encoded tail, ``,"<turn id>"]``,
+which no other entry can end with, so nothing is decoded in Lua. The turn's answer is
+its entry whose role is ``assistant``. Dropping a conversation drops its open turns, and
+every write refreshes their expiry with the conversation's.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from chatgate.store.base import (
+    MAX_OPEN_TURNS,
     Clock,
     Conversation,
     ConversationInfo,
@@ -44,10 +56,16 @@ PREFIX = "chatgate:"
 EXPIRE_MARGIN_S = 60
 
 _DROP = """
+local function close_turns(p, cid)
+  local tk = p .. 'turns:' .. cid
+  for _, turn in ipairs(redis.call('ZRANGE', tk, 0, -1)) do redis.call('DEL', p .. 'turn:' .. turn) end
+  redis.call('DEL', tk)
+end
 local function drop(p, cid)
   local owner = redis.call('HGET', p .. 'c:' .. cid, 'owner')
   redis.call('ZREM', owner and (p .. 'o:' .. owner) or (p .. 'anon'), cid)
   redis.call('ZREM', p .. 'recent', cid)
+  close_turns(p, cid)
   return redis.call('DEL', p .. 'c:' .. cid, p .. 'm:' .. cid)
 end
 local function alive(p, cid, now, ttl)
@@ -62,37 +80,156 @@ local function touch(p, cid, now, expire)
   redis.call('ZADD', p .. 'recent', now, cid)
   redis.call('EXPIRE', ck, expire)
   redis.call('EXPIRE', p .. 'm:' .. cid, expire)
+  local tk = p .. 'turns:' .. cid
+  for _, turn in ipairs(redis.call('ZRANGE', tk, 0, -1)) do redis.call('EXPIRE', p .. 'turn:' .. turn, expire) end
+  redis.call('EXPIRE', tk, expire)
+end
+"""
+
+# Shared by append and begin_turn. Returns whether the conversation was created.
+_WRITE = _DROP + """
+local function write(p, id, now, ttl, expire, max_conversations, max_messages, has_owner, owner,
+                     agent, title, entries)
+  local ck, mk = p .. 'c:' .. id, p .. 'm:' .. id
+  if redis.call('EXISTS', ck) == 1 and not alive(p, id, tonumber(now), ttl) then drop(p, id) end
+  local created = redis.call('EXISTS', ck) == 0
+  if created then
+    redis.call('HSET', ck, 'agent', agent, 'title', '', 'created', now)
+    if has_owner == '1' then redis.call('HSET', ck, 'owner', owner) end
+  end
+  if title ~= '' and redis.call('HGET', ck, 'title') == '' then
+    redis.call('HSET', ck, 'title', title)
+  end
+  for _, entry in ipairs(entries) do redis.call('RPUSH', mk, entry) end
+  if #entries > 0 then redis.call('LTRIM', mk, -max_messages, -1) end
+  touch(p, id, now, expire)
+  local excess = redis.call('ZCARD', p .. 'recent') - max_conversations
+  if excess > 0 then
+    local oldest = redis.call('ZRANGE', p .. 'recent', 0, excess)
+    for _, victim in ipairs(oldest) do
+      if excess > 0 and victim ~= id then
+        drop(p, victim)
+        excess = excess - 1
+      end
+    end
+  end
+  return created
 end
 """
 
 # ARGV: prefix, id, now, ttl, expire, max_conversations, max_messages, has_owner, owner,
 #       agent, title, messages...
-_APPEND = _DROP + """
-local p, id, now, ttl, expire = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local max_conversations, max_messages = tonumber(ARGV[6]), tonumber(ARGV[7])
-local ck, mk = p .. 'c:' .. id, p .. 'm:' .. id
-if redis.call('EXISTS', ck) == 1 and not alive(p, id, now, ttl) then drop(p, id) end
-if redis.call('EXISTS', ck) == 0 then
-  redis.call('HSET', ck, 'agent', ARGV[10], 'title', '', 'created', ARGV[3])
-  if ARGV[8] == '1' then redis.call('HSET', ck, 'owner', ARGV[9]) end
-end
-if ARGV[11] ~= '' and redis.call('HGET', ck, 'title') == '' then
-  redis.call('HSET', ck, 'title', ARGV[11])
-end
-for i = 12, #ARGV do redis.call('RPUSH', mk, ARGV[i]) end
-if #ARGV >= 12 then redis.call('LTRIM', mk, -max_messages, -1) end
-touch(p, id, ARGV[3], expire)
-local excess = redis.call('ZCARD', p .. 'recent') - max_conversations
+_APPEND = _WRITE + """
+local entries = {}
+for i = 12, #ARGV do entries[#entries + 1] = ARGV[i] end
+write(ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6]),
+      tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11], entries)
+return 1
+"""
+
+# ARGV: prefix, id, now, ttl, expire, max_conversations, max_messages, has_owner, owner,
+#       agent, title, user message, turn id, max open turns
+_BEGIN = _WRITE + """
+local p, id, turn, expire = ARGV[1], ARGV[2], ARGV[13], ARGV[5]
+local uk, tk = p .. 'turn:' .. turn, p .. 'turns:' .. id
+local previous = redis.call('HGET', uk, 'conversation')
+if previous then redis.call('ZREM', p .. 'turns:' .. previous, turn) end
+local created = write(p, id, ARGV[3], tonumber(ARGV[4]), expire, tonumber(ARGV[6]),
+                      tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10], ARGV[11], {ARGV[12]})
+redis.call('HSET', uk, 'conversation', id, 'created', created and '1' or '0')
+redis.call('ZADD', tk, redis.call('HINCRBY', p .. 'c:' .. id, 'turns', 1), turn)
+local excess = redis.call('ZCARD', tk) - tonumber(ARGV[14])
 if excess > 0 then
-  local oldest = redis.call('ZRANGE', p .. 'recent', 0, excess)
-  for _, victim in ipairs(oldest) do
-    if excess > 0 and victim ~= id then
-      drop(p, victim)
-      excess = excess - 1
+  for _, forgotten in ipairs(redis.call('ZRANGE', tk, 0, excess - 1)) do
+    redis.call('DEL', p .. 'turn:' .. forgotten)
+  end
+  redis.call('ZREMRANGEBYRANK', tk, 0, excess - 1)
+end
+redis.call('EXPIRE', uk, expire)
+redis.call('EXPIRE', tk, expire)
+return 1
+"""
+
+# Finds an open turn's entries; the caller checked that the turn is open in ``id``.
+_TURN = _DROP + """
+local function open_turn(p, id, turn, now, ttl)
+  return redis.call('HGET', p .. 'turn:' .. turn, 'conversation') == id and alive(p, id, now, ttl)
+end
+-- The turn's answer and user message in m:{id}, each as {index, entry} or nil: the last
+-- two entries first, then the whole list when the user message is not among them (or
+-- the answer, when that is all the caller needs).
+local function entries_of(mk, tag, answer_only)
+  local length = redis.call('LLEN', mk)
+  local from = math.max(length - 2, 0)
+  while true do
+    local items = redis.call('LRANGE', mk, from, length - 1)
+    local answer, question
+    for i = #items, 1, -1 do
+      local item = items[i]
+      if string.sub(item, -#tag) == tag then
+        if string.sub(item, 1, 13) ~= '["assistant",' then
+          question = {from + i - 1, item}
+          break
+        elseif not answer then
+          answer = {from + i - 1, item}
+          if answer_only then return answer end
+        end
+      end
     end
+    if question or from == 0 then return answer, question end
+    from = 0
   end
 end
+-- Rewrite the turn's answer where it is, or append it when it has none.
+local function put_answer(mk, tag, entry, max_messages)
+  local answer = entries_of(mk, tag, true)
+  if answer then
+    redis.call('LSET', mk, answer[1], entry)
+  else
+    redis.call('RPUSH', mk, entry)
+    redis.call('LTRIM', mk, -max_messages, -1)
+  end
+end
+"""
+
+# ARGV: prefix, id, turn id, now, ttl, expire, max_messages, tag, answer entry
+_CHECKPOINT = _TURN + """
+local p, id, turn = ARGV[1], ARGV[2], ARGV[3]
+if not open_turn(p, id, turn, tonumber(ARGV[4]), tonumber(ARGV[5])) then return 0 end
+put_answer(p .. 'm:' .. id, ARGV[8], ARGV[9], tonumber(ARGV[7]))
+touch(p, id, ARGV[4], ARGV[6])
 return 1
+"""
+
+# ARGV: prefix, id, turn id, now, ttl, expire, max_messages, tag, answer entry or ''
+_END = _TURN + """
+local p, id, turn, tag = ARGV[1], ARGV[2], ARGV[3], ARGV[8]
+if not open_turn(p, id, turn, tonumber(ARGV[4]), tonumber(ARGV[5])) then return 0 end
+local mk, uk = p .. 'm:' .. id, p .. 'turn:' .. turn
+local created = redis.call('HGET', uk, 'created') == '1'
+redis.call('DEL', uk)
+redis.call('ZREM', p .. 'turns:' .. id, turn)
+if ARGV[9] ~= '' then
+  put_answer(mk, tag, ARGV[9], tonumber(ARGV[7]))
+else
+  local answer, question = entries_of(mk, tag, false)
+  if answer then redis.call('LREM', mk, -1, answer[2]) end
+  if question then redis.call('LREM', mk, -1, question[2]) end
+  if created and redis.call('LLEN', mk) == 0 then
+    drop(p, id)
+    return 1
+  end
+end
+touch(p, id, ARGV[4], ARGV[6])
+return 1
+"""
+
+# ARGV: prefix, turn id, now, ttl
+_INTERRUPTED = _TURN + """
+local p, turn = ARGV[1], ARGV[2]
+local id = redis.call('HGET', p .. 'turn:' .. turn, 'conversation')
+if id and alive(p, id, tonumber(ARGV[3]), tonumber(ARGV[4])) then return id end
+return false
 """
 
 # ARGV: prefix, id, now, ttl, expire
@@ -100,6 +237,7 @@ _CLEAR = _DROP + """
 local p, id, now, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 if not alive(p, id, now, ttl) then return 0 end
 redis.call('DEL', p .. 'm:' .. id)
+close_turns(p, id)
 touch(p, id, ARGV[3], ARGV[5])
 return 1
 """
@@ -142,12 +280,20 @@ def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
     return call
 
 
-def _encode(message: StoredMessage) -> bytes:
-    return orjson.dumps([message.role, message.content, message.partial, message.created_at])
+def _encode(message: StoredMessage, turn_id: str | None = None) -> bytes:
+    fields: list[object] = [message.role, message.content, message.partial, message.created_at]
+    if turn_id is not None:
+        fields.append(turn_id)
+    return orjson.dumps(fields)
+
+
+def _tag(turn_id: str) -> bytes:
+    """How every entry a turn wrote ends (see :func:`_encode`)."""
+    return b"," + orjson.dumps(turn_id) + b"]"
 
 
 def _decode(raw: bytes) -> StoredMessage:
-    role, content, partial, created_at = orjson.loads(raw)
+    role, content, partial, created_at, *_turn = orjson.loads(raw)
     return StoredMessage(role=cast(Role, role), content=content, partial=partial, created_at=created_at)
 
 
@@ -189,7 +335,11 @@ class RedisStore:
             await client.aclose()
             raise
         self._redis = client
-        for name, source in (("append", _APPEND), ("clear", _CLEAR), ("delete", _DELETE), ("purge", _PURGE)):
+        scripts = {
+            "append": _APPEND, "begin": _BEGIN, "checkpoint": _CHECKPOINT, "end": _END,
+            "interrupted": _INTERRUPTED, "clear": _CLEAR, "delete": _DELETE, "purge": _PURGE,
+        }
+        for name, source in scripts.items():
             self._scripts[name] = client.register_script(source)
 
     async def close(self) -> None:
@@ -217,6 +367,48 @@ class RedisStore:
             *(_encode(m) for m in messages),
         ]
         await self._scripts["append"](args=args, client=self._db)
+
+    @_reachable
+    async def begin_turn(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        user: StoredMessage,
+        *,
+        owner: str | None = None,
+        agent: str = "general",
+    ) -> None:
+        args: list[Any] = [
+            PREFIX, conversation_id, repr(self._clock()), repr(self._limits.ttl_s), self._expire,
+            self._limits.max_conversations, max(self._limits.max_messages, 1),
+            "1" if owner is not None else "0", owner or "", agent, title_of([user]),
+            _encode(user, turn_id), turn_id, MAX_OPEN_TURNS,
+        ]
+        await self._scripts["begin"](args=args, client=self._db)
+
+    @_reachable
+    async def checkpoint(self, conversation_id: str, turn_id: str, text: str) -> None:
+        now = self._clock()
+        answer = StoredMessage("assistant", text, partial=True, created_at=now)
+        await self._scripts["checkpoint"](args=self._turn_args(conversation_id, turn_id, now, answer), client=self._db)
+
+    @_reachable
+    async def end_turn(self, conversation_id: str, turn_id: str, answer: StoredMessage | None) -> None:
+        args = self._turn_args(conversation_id, turn_id, self._clock(), answer)
+        await self._scripts["end"](args=args, client=self._db)
+
+    def _turn_args(self, conversation_id: str, turn_id: str, now: float, answer: StoredMessage | None) -> list[Any]:
+        return [
+            PREFIX, conversation_id, turn_id, repr(now), repr(self._limits.ttl_s), self._expire,
+            max(self._limits.max_messages, 1), _tag(turn_id),
+            b"" if answer is None else _encode(answer, turn_id),
+        ]
+
+    @_reachable
+    async def interrupted(self, turn_id: str) -> str | None:
+        args = [PREFIX, turn_id, repr(self._clock()), repr(self._limits.ttl_s)]
+        found = await self._scripts["interrupted"](args=args, client=self._db)
+        return None if found is None else cast(bytes, found).decode()
 
     @_reachable
     async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:

@@ -5,6 +5,12 @@ Expiry compares ``? - updated_at > ?`` in SQL, the same float arithmetic as the 
 store, so both agree at the boundary. Operations share one connection, so each one
 holds a lock for its whole transaction: otherwise a second coroutine's statements
 would land inside the first one's ``BEGIN``.
+
+An open turn is a row of ``open_turns`` naming the rows of its user message and answer,
+so a checkpoint rewrites its answer by primary key. The row goes with its conversation
+(``ON DELETE CASCADE``) and when the turn ends or the conversation is cleared. Message
+ids are never reused (``AUTOINCREMENT``), so an id whose message was trimmed away
+matches nothing rather than another message.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any, cast
 import aiosqlite
 
 from chatgate.store.base import (
+    MAX_OPEN_TURNS,
     Clock,
     Conversation,
     ConversationInfo,
@@ -71,8 +78,22 @@ async def _scope_ids_to_owners(db: aiosqlite.Connection) -> None:
     await db.execute("UPDATE conversations SET id = owner || ':' || id WHERE owner IS NOT NULL")
 
 
+async def _add_open_turns(db: aiosqlite.Connection) -> None:
+    """Turns are written as they happen: the turns begun and not yet ended."""
+    await db.execute(
+        """CREATE TABLE open_turns (
+            turn_id TEXT PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            user_message_id INTEGER NOT NULL,
+            answer_message_id INTEGER NULL,
+            created_conversation INTEGER NOT NULL
+        )"""
+    )
+    await db.execute("CREATE INDEX open_turns_by_conversation ON open_turns(conversation_id)")
+
+
 #: Applied in order; ``PRAGMA user_version`` counts those already applied. Append only.
-MIGRATIONS: list[Migration] = [_create_tables, _scope_ids_to_owners]
+MIGRATIONS: list[Migration] = [_create_tables, _scope_ids_to_owners, _add_open_turns]
 
 _INFO_COLUMNS = """c.id, c.owner, c.agent, c.created_at, c.updated_at,
     (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), c.title"""
@@ -167,16 +188,7 @@ class SqliteStore:
         agent: str = "general",
     ) -> None:
         async with self._transaction() as db:
-            now = self._clock()
-            await self._drop_if_expired(db, conversation_id, now)
-            await db.execute(
-                """INSERT INTO conversations (id, owner, agent, title, created_at, updated_at)
-                VALUES (?, ?, ?, ?, ?, ?)
-                ON CONFLICT (id) DO UPDATE SET
-                    updated_at = excluded.updated_at,
-                    title = CASE WHEN title = '' THEN excluded.title ELSE title END""",
-                (conversation_id, owner, agent, title_of(messages), now, now),
-            )
+            await self._open_conversation(db, conversation_id, owner, agent, title_of(messages))
             await db.executemany(
                 """INSERT INTO messages (conversation_id, role, content, partial, created_at)
                 VALUES (?, ?, ?, ?, ?)""",
@@ -184,6 +196,79 @@ class SqliteStore:
             )
             await self._trim(db, conversation_id)
             await self._evict(db, conversation_id)
+
+    async def begin_turn(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        user: StoredMessage,
+        *,
+        owner: str | None = None,
+        agent: str = "general",
+    ) -> None:
+        async with self._transaction() as db:
+            created = await self._open_conversation(
+                db, conversation_id, owner, agent, title_of([user])
+            )
+            user_message_id = await self._insert_message(db, conversation_id, user)
+            await db.execute(
+                """INSERT OR REPLACE INTO open_turns
+                (turn_id, conversation_id, user_message_id, answer_message_id, created_conversation)
+                VALUES (?, ?, ?, NULL, ?)""",
+                (turn_id, conversation_id, user_message_id, created),
+            )
+            await db.execute(
+                """DELETE FROM open_turns WHERE conversation_id = ? AND rowid NOT IN (
+                    SELECT rowid FROM open_turns WHERE conversation_id = ?
+                    ORDER BY rowid DESC LIMIT ?)""",
+                (conversation_id, conversation_id, MAX_OPEN_TURNS),
+            )
+            await self._trim(db, conversation_id)
+            await self._evict(db, conversation_id)
+
+    async def checkpoint(self, conversation_id: str, turn_id: str, text: str) -> None:
+        async with self._transaction() as db:
+            now = self._clock()
+            turn = await self._open_turn(db, conversation_id, turn_id, now)
+            if turn is not None:
+                answer = StoredMessage("assistant", text, partial=True, created_at=now)
+                await self._put_answer(db, conversation_id, turn_id, turn[1], answer)
+                await self._touch(db, conversation_id, now)
+
+    async def end_turn(
+        self, conversation_id: str, turn_id: str, answer: StoredMessage | None
+    ) -> None:
+        async with self._transaction() as db:
+            now = self._clock()
+            turn = await self._open_turn(db, conversation_id, turn_id, now)
+            if turn is None:
+                return
+            user_message_id, answer_message_id, created = turn
+            if answer is not None:
+                await self._put_answer(db, conversation_id, turn_id, answer_message_id, answer)
+            await db.execute("DELETE FROM open_turns WHERE turn_id = ?", (turn_id,))
+            if answer is None:
+                await db.execute(
+                    "DELETE FROM messages WHERE id IN (?, ?)", (user_message_id, answer_message_id)
+                )
+                if created:
+                    await db.execute(
+                        """DELETE FROM conversations WHERE id = ? AND NOT EXISTS (
+                            SELECT 1 FROM messages WHERE conversation_id = ?)""",
+                        (conversation_id, conversation_id),
+                    )
+            await self._touch(db, conversation_id, now)
+
+    async def interrupted(self, turn_id: str) -> str | None:
+        async with self._transaction() as db:
+            row = await _row(
+                db,
+                """SELECT t.conversation_id FROM open_turns t
+                JOIN conversations c ON c.id = t.conversation_id
+                WHERE t.turn_id = ? AND ? - c.updated_at <= ?""",
+                (turn_id, self._clock(), self._limits.ttl_s),
+            )
+        return None if row is None else str(row[0])
 
     async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:
         if max_messages <= 0:
@@ -236,9 +321,9 @@ class SqliteStore:
                     "DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)
                 )
                 await db.execute(
-                    "UPDATE conversations SET updated_at = ? WHERE id = ?",
-                    (self._clock(), conversation_id),
+                    "DELETE FROM open_turns WHERE conversation_id = ?", (conversation_id,)
                 )
+                await self._touch(db, conversation_id, self._clock())
 
     async def delete(self, conversation_id: str) -> bool:
         async with self._transaction() as db:
@@ -300,6 +385,83 @@ class SqliteStore:
             (conversation_id, self._clock(), self._limits.ttl_s),
         )
         return None if row is None else _info(row)
+
+    async def _open_conversation(
+        self,
+        db: aiosqlite.Connection,
+        conversation_id: str,
+        owner: str | None,
+        agent: str,
+        title: str,
+    ) -> bool:
+        """Create the conversation when missing or expired (then return True), else
+        touch it and give it ``title`` if it has none."""
+        now = self._clock()
+        await self._drop_if_expired(db, conversation_id, now)
+        existed = await _row(db, "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
+        await db.execute(
+            """INSERT INTO conversations (id, owner, agent, title, created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?)
+            ON CONFLICT (id) DO UPDATE SET
+                updated_at = excluded.updated_at,
+                title = CASE WHEN title = '' THEN excluded.title ELSE title END""",
+            (conversation_id, owner, agent, title, now, now),
+        )
+        return existed is None
+
+    async def _touch(self, db: aiosqlite.Connection, conversation_id: str, now: float) -> None:
+        await db.execute(
+            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+        )
+
+    async def _insert_message(
+        self, db: aiosqlite.Connection, conversation_id: str, message: StoredMessage
+    ) -> int:
+        async with db.execute(
+            """INSERT INTO messages (conversation_id, role, content, partial, created_at)
+            VALUES (?, ?, ?, ?, ?)""",
+            (conversation_id, message.role, message.content, message.partial, message.created_at),
+        ) as cursor:
+            return int(cast(int, cursor.lastrowid))
+
+    async def _open_turn(
+        self, db: aiosqlite.Connection, conversation_id: str, turn_id: str, now: float
+    ) -> tuple[int, int | None, bool] | None:
+        """The turn's user message id, answer message id and whether it created the
+        conversation, when it is open in this conversation and the conversation lives."""
+        row = await _row(
+            db,
+            """SELECT t.user_message_id, t.answer_message_id, t.created_conversation
+            FROM open_turns t JOIN conversations c ON c.id = t.conversation_id
+            WHERE t.turn_id = ? AND t.conversation_id = ? AND ? - c.updated_at <= ?""",
+            (turn_id, conversation_id, now, self._limits.ttl_s),
+        )
+        return None if row is None else (row[0], row[1], bool(row[2]))
+
+    async def _put_answer(
+        self,
+        db: aiosqlite.Connection,
+        conversation_id: str,
+        turn_id: str,
+        answer_message_id: int | None,
+        answer: StoredMessage,
+    ) -> None:
+        """Rewrite the turn's answer where it is, or append it when it has none (or
+        it was trimmed away)."""
+        if answer_message_id is not None:
+            async with db.execute(
+                """UPDATE messages SET role = ?, content = ?, partial = ?, created_at = ?
+                WHERE id = ?""",
+                (answer.role, answer.content, answer.partial, answer.created_at, answer_message_id),
+            ) as cursor:
+                if cursor.rowcount > 0:
+                    return
+        answer_message_id = await self._insert_message(db, conversation_id, answer)
+        await db.execute(
+            "UPDATE open_turns SET answer_message_id = ? WHERE turn_id = ?",
+            (answer_message_id, turn_id),
+        )
+        await self._trim(db, conversation_id)
 
     async def _drop_if_expired(
         self, db: aiosqlite.Connection, conversation_id: str, now: float
