@@ -103,6 +103,8 @@ VARIABLES: list[tuple[str, str, Getter, Any]] = [
     ("CHATGATE_MAX_STREAMS_PER_CLIENT", "3", lambda s: s.max_streams_per_client, 3),
     ("CHATGATE_MAX_CONNECTIONS", "500", lambda s: s.max_connections, 500),
     ("CHATGATE_RESUME_GRACE_S", "12.5", lambda s: s.resume_grace_s, 12.5),
+    ("CHATGATE_DRAIN_S", "5", lambda s: s.drain_s, 5.0),
+    ("CHATGATE_CHECKPOINT_S", "0.5", lambda s: s.checkpoint_s, 0.5),
     ("CHATGATE_AGENTS_DIR", "/etc/chatgate/agents", lambda s: s.agents_dir, Path("/etc/chatgate/agents")),
     ("CHATGATE_TEMPERATURE", "0.3", lambda s: s.generation_options.temperature, 0.3),
     ("TEMPERATURE", "0.7", lambda s: s.generation_options.temperature, 0.7),

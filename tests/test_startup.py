@@ -18,13 +18,17 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import redis
 from pydantic import AliasChoices
+from websockets.asyncio.client import connect
 
 from chatgate.config import Settings, load_settings
 from chatgate.providers import choose_provider, needs_probe
 from chatgate.providers.base import registered_providers
 from chatgate.serve import url_of
-from chatgate.testing.servers import FakeLLM, free_port, wait_until
+from chatgate.testing.fake_llm import fake_reply
+from chatgate.testing.frames import recv, send, until
+from chatgate.testing.servers import FakeLLM, RedisServer, free_port, wait_until
 
 START_BOUND_S = 60.0
 READY_PREFIX = "chatgate ready on "
@@ -357,6 +361,41 @@ def test_several_workers_say_ready_once_and_serve(tmp_path: Path, fake: FakeLLM)
         wait_until(lambda: len([r for r in gw.records() if r.get("msg") == "provider chosen"]) == 2,
                    timeout=START_BOUND_S, what="both workers started")
         assert len(gw.ready_records()) == 1
+
+
+async def test_several_workers_on_redis_resume_on_any_worker(
+    tmp_path: Path, fake: FakeLLM, redis_server: RedisServer
+) -> None:
+    """With Redis, an answer started on one worker is resumed from a socket that the
+    kernel handed to the other worker."""
+    store = f"{redis_server.url}/12"
+    redis.Redis.from_url(store).flushdb()
+    fake.configure(tokens=150, tps=100)
+    with served(tmp_path, "--workers", "2", OLLAMA_HOST=fake.url, CHATGATE_STORE=store) as gw:
+        gw.wait_ready()
+        wait_until(lambda: len([r for r in gw.records() if r.get("msg") == "provider chosen"]) == 2,
+                   timeout=START_BOUND_S, what="both workers started")
+        assert not [r for r in gw.records() if "resumed or cancelled only" in r.get("msg", "")]
+        ws_url = gw.url.replace("http", "ws", 1) + "/ws"
+        async with connect(ws_url) as ws:
+            first = ws.response.headers["x-chatgate-instance"]
+            await send(ws, {"type": "chat", "message": "a long one"})
+            start = await recv(ws)
+            received = [await recv(ws) for _ in range(3)]
+        for _ in range(100):  # the kernel picks the worker; ask until the other one answers
+            ws = await connect(ws_url)
+            if ws.response.headers["x-chatgate-instance"] != first:
+                break
+            await ws.close()
+        else:
+            pytest.fail("every connection reached the same worker")
+        async with ws:
+            await send(ws, {"type": "resume", "id": start["id"], "after": received[-1]["seq"]})
+            done, rest = await until(ws, "done")
+    deltas = received + rest
+    assert done["finish_reason"] == "stop"
+    assert [f["seq"] for f in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(f["text"] for f in deltas) == fake_reply(150)
 
 
 @pytest.mark.parametrize(

@@ -12,16 +12,17 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate import __version__
 from chatgate.api import http, ollama_compat, openai_compat, ws
 from chatgate.api.auth import Authentication
-from chatgate.api.errors import handle_chat_error
+from chatgate.api.errors import error_response, handle_chat_error, shape_of
 from chatgate.api.limits import BodySizeLimit, SizeLimits
 from chatgate.chat.agents import load_agents
 from chatgate.chat.events import ChatError
 from chatgate.config import Settings
-from chatgate.gateway import close_gateway, open_gateway, purge_forever
+from chatgate.gateway import close_gateway, open_gateway, purge_forever, shutting_down
 
 log = logging.getLogger("chatgate")
 #: A served gateway makes and drops many short-lived objects per token; collecting the
@@ -94,11 +95,37 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
     app.add_middleware(BodySizeLimit, limits=SizeLimits.of(settings))
     app.add_middleware(ws.WebSocketRoutes)
     app.add_middleware(Authentication, keys=settings.api_key_set())
+    app.add_middleware(RefuseWhileDraining)
     app.add_exception_handler(ChatError, handle_chat_error)
     app.include_router(http.router)
     app.include_router(openai_compat.router)
     app.include_router(ollama_compat.router)
     return app
+
+
+class RefuseWhileDraining:
+    """During the drain (:mod:`chatgate.serve`) the listener is closed, but connections
+    opened before it may still send requests. A WebSocket handshake is accepted and closed
+    at once with 1012 (service restart: connect again, to another instance); an HTTP POST
+    (every route that starts a turn is one) is refused as ``busy`` and its connection
+    closed, so a proxy stops reusing it. Reads (health, conversations) are served."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gateway = getattr(scope["app"].state, "gateway", None) if scope["type"] != "lifespan" else None
+        if gateway is None or not gateway.draining:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await receive()  # websocket.connect
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1012, "reason": "service restart"})
+        elif scope["method"] == "POST":
+            response = error_response(shutting_down(), shape_of(scope["path"]), headers={"Connection": "close"})
+            await response(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def app_from_environment() -> FastAPI:

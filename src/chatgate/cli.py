@@ -14,6 +14,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from chatgate.app import SERVER_OPTIONS
     from chatgate.chat.agents import AgentFileError, load_agents
+    from chatgate.cluster import is_redis
     from chatgate.config import ConfigError, load_settings
     from chatgate.observability import setup_logging
     from chatgate.serve import bind, run, store_problem, workers_problem
@@ -36,10 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
-    if settings.workers > 1:
+    if settings.workers > 1 and not is_redis(settings.store_url):
         logging.getLogger("chatgate").warning(
-            f"{settings.workers} workers share conversations through the store, but a reply can be "
-            "resumed or cancelled only from a connection that reaches the worker running it",
+            f"{settings.workers} workers share conversations through the store, but an answer can be "
+            "resumed or cancelled only from a connection that reaches the worker running it; "
+            "with CHATGATE_STORE=redis://… any worker can",
             extra={"workers": settings.workers, "store": settings.store_url.split(":", 1)[0]},
         )
     config = uvicorn.Config(

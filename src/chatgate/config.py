@@ -112,6 +112,9 @@ class Settings(EnvironmentSettings):
     max_streams_per_client: int = Field(0, ge=0, validation_alias=_env("CHATGATE_MAX_STREAMS_PER_CLIENT"))
     max_connections: int = Field(10_000, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS"))
     resume_grace_s: float = Field(30.0, ge=0, validation_alias=_env("CHATGATE_RESUME_GRACE_S"))
+    checkpoint_s: float = Field(1.0, gt=0, validation_alias=_env("CHATGATE_CHECKPOINT_S"))
+    #: On SIGTERM, how long running answers may go on before they are cut (0: at once).
+    drain_s: float = Field(30.0, ge=0, validation_alias=_env("CHATGATE_DRAIN_S"))
     agents_dir: Path | None = Field(None, validation_alias=_env("CHATGATE_AGENTS_DIR"))
     temperature: float | None = Field(
         None, ge=0, le=2, validation_alias=_env("CHATGATE_TEMPERATURE", "TEMPERATURE")

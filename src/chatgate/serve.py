@@ -4,6 +4,13 @@ socket accepts connections, by the first worker that is ready.
 
 A start-up that fails after that point (the application's lifespan raised) is also one
 line on stderr; the CLI then exits with 2, as for a configuration error.
+
+On SIGTERM (or Ctrl+C) the server drains before uvicorn's own shutdown: it stops
+listening, lets the running answers finish for up to ``CHATGATE_DRAIN_S`` while their
+sockets and responses are still open (:func:`chatgate.gateway.drain_gateway`), cuts what
+is left, and only then lets uvicorn close the WebSockets with 1012 and end the
+application. uvicorn alone closes the WebSockets first, which ends every answer's way to
+its client. A second signal ends the drain at once; a drained process exits with 0.
 """
 
 from __future__ import annotations
@@ -13,19 +20,24 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 from uvicorn.supervisors import multiprocess
 
 from chatgate.config import WILDCARD_HOSTS
 
 if TYPE_CHECKING:
     from multiprocessing.sharedctypes import Synchronized
+    from types import FrameType
 
     from chatgate.config import Settings
     from chatgate.gateway import Gateway
@@ -37,6 +49,8 @@ _UVICORN_LOGGER = "uvicorn.error"
 READY, FAILED = 1, 2
 #: uvicorn starts its workers in this context; what they share must come from it too.
 _spawn = multiprocessing.get_context("spawn")
+#: How often a supervisor waiting for its draining workers looks for a further signal.
+_JOIN_POLL_S = 0.1
 
 
 # --- checks before start-up -------------------------------------------------------------
@@ -171,15 +185,28 @@ def gateway_of(app: Any) -> Gateway | None:
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn's server, saying "chatgate ready on URL" once its sockets listen, and one
-    line on stderr instead of a traceback when the application's start-up fails.
+    """uvicorn's server, saying "chatgate ready on URL" once its sockets listen, one line
+    on stderr instead of a traceback when the application's start-up fails, and draining
+    before it shuts down.
 
-    ``said`` is shared by the workers of one supervisor, so that each is said once."""
+    ``said`` is shared by the workers of one supervisor, so that each is said once.
+    ``supervised``: a worker of :class:`Supervisor`, which passes SIGTERM on to it. A
+    service manager may signal every process of the group as well (systemd does, and a
+    terminal's Ctrl+C reaches them all), so a worker takes a second SIGTERM for the same
+    request to stop and only a SIGINT (which the supervisor sends on a second signal) ends
+    its drain early."""
 
-    def __init__(self, config: uvicorn.Config, said: Synchronized[int] | None = None) -> None:
+    def __init__(
+        self, config: uvicorn.Config, said: Synchronized[int] | None = None, *, supervised: bool = False
+    ) -> None:
         super().__init__(config)
         self.said = said
+        self.supervised = supervised
         self.failure: str | None = None
+        #: Ctrl+C was among the signals: raised again once the server has stopped.
+        self.interrupted = False
+        #: A second signal came during the drain: end it now.
+        self.drain_cut = False
 
     def _first(self, what: int) -> bool:
         if self.said is None:
@@ -204,6 +231,46 @@ class GatewayServer(uvicorn.Server):
             logging.getLogger(_UVICORN_LOGGER).handle(record)
         if not self.should_exit and self._first(READY):
             self._say_ready(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and (sig == signal.SIGINT or not self.supervised):
+            self.drain_cut = True
+        self.interrupted = self.interrupted or sig == signal.SIGINT
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, except what happens after the shutdown: uvicorn raises the signals
+        it caught again, so a SIGTERM killed the process even once it had stopped cleanly.
+        Here only Ctrl+C is raised again (the CLI's exit code 130), and not in a worker."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+        if self.interrupted and not self.supervised:
+            signal.raise_signal(signal.SIGINT)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from chatgate.gateway import drain_gateway
+
+        gateway = gateway_of(self.config.loaded_app)
+        if gateway is not None:  # even when forced: the cut answers are stored
+            for server in self.servers:  # stop listening now; uvicorn does it again, harmlessly
+                server.close()
+            for sock in sockets or []:
+                sock.close()
+            try:
+                await drain_gateway(
+                    gateway, gateway.settings.drain_s, cut_short=lambda: self.drain_cut or self.force_exit
+                )
+            except Exception:  # the connections must be closed and the application ended all the same
+                log.exception("draining failed")
+        await super().shutdown(sockets=sockets)
 
     def _failed(self, records: list[logging.LogRecord]) -> None:
         self.failure = _failure_of(records)
@@ -241,7 +308,7 @@ class _WorkerProcess(multiprocess.Process):
     @property
     def server(self) -> uvicorn.Server:
         if self._server is None:
-            self._server = GatewayServer(self.config, self.said)
+            self._server = GatewayServer(self.config, self.said, supervised=True)
         return self._server
 
 
@@ -268,6 +335,26 @@ class Supervisor(multiprocess.Multiprocess):
     @property
     def start_failed(self) -> bool:
         return bool(self.said.value & FAILED)
+
+    def terminate_all(self) -> None:
+        """Close this process's copy of the listening socket first: once the draining
+        workers have closed theirs, a new connection is refused instead of waiting in a
+        queue that nobody reads."""
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+    def join_all(self) -> None:
+        """Wait for the workers to drain and exit; a further signal to this process ends
+        their drains at once."""
+        for worker in self.processes:
+            while worker.process.is_alive():
+                worker.process.join(_JOIN_POLL_S)
+                if self.signal_queue:
+                    self.signal_queue.clear()
+                    for other in self.processes:
+                        if other.process.is_alive() and other.pid is not None:
+                            os.kill(other.pid, signal.SIGINT)
 
     def run(self) -> None:
         # The supervisor makes (and remakes) its workers by this module-level name.

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import httpx
-import orjson
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from chatgate.chat.agents import GENERAL_PROMPT
 from chatgate.testing.fake_llm import fake_reply
+from chatgate.testing.frames import recv, send, until
 from chatgate.testing.servers import FakeLLM, RunningGateway, wait_until
-
-
-async def recv(ws: ClientConnection, timeout: float = 10) -> dict[str, Any]:
-    frame: dict[str, Any] = orjson.loads(await asyncio.wait_for(ws.recv(), timeout))
-    return frame
-
-
-async def send(ws: ClientConnection, frame: dict[str, Any]) -> None:
-    await ws.send(orjson.dumps(frame).decode())
-
-
-async def until(ws: ClientConnection, *types: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Receive until a frame of one of ``types``; return it and every frame before it."""
-    seen: list[dict[str, Any]] = []
-    while True:
-        frame = await recv(ws)
-        if frame["type"] in types:
-            return frame, seen
-        seen.append(frame)
 
 
 async def test_three_turns_send_system_prompt_and_whole_history(gw: RunningGateway, fake: FakeLLM) -> None:

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
 
 import httpx
 import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from chatgate.chat.agents import AgentRegistry
 from chatgate.chat.events import ChatError
-from chatgate.chat.limits import RateLimiter, StreamCounter
+from chatgate.chat.limits import LocalLimits, RateLimiter, StreamCounter
+from chatgate.chat.service import ChatService, Turn
+from chatgate.providers.base import Chunk, ProviderRequest
+from chatgate.store.base import StoreLimits
+from chatgate.store.memory import MemoryStore
 from chatgate.testing.servers import FakeLLM
 
 
@@ -48,6 +55,87 @@ def test_stream_counter_caps_and_releases() -> None:
     counter.release("a")
     counter.acquire("a")
     StreamCounter(0).acquire("anyone")
+
+
+async def test_local_limits_are_both_limits_of_one_process() -> None:
+    limits = LocalLimits(RateLimiter(1, 60.0), max_streams=1)
+    await limits.admit("a")
+    with pytest.raises(ChatError) as refused:
+        await limits.admit("a")
+    assert refused.value.code == "rate_limited" and refused.value.retry_after == pytest.approx(60.0, abs=1)
+    await limits.open_stream("a")
+    with pytest.raises(ChatError) as refused:
+        await limits.open_stream("a")
+    assert refused.value.message == "at most 1 replies may stream at once per client"
+    limits.close_stream("a")
+    await limits.open_stream("a")
+    unlimited = LocalLimits()
+    for _ in range(100):
+        await unlimited.admit("a")
+        await unlimited.open_stream("a")
+
+
+class OneToken:
+    name: ClassVar[str] = "one-token"
+    default_model = "one-token-model"
+
+    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        yield Chunk("hi")
+        yield Chunk(finish_reason="stop")
+
+    async def models(self) -> list[str]:
+        return [self.default_model]
+
+    async def check(self) -> str:
+        return "ok"
+
+    async def aclose(self) -> None:
+        pass
+
+
+class GatedLimits:
+    """Limits whose ``open_stream`` waits for the test, as one that asks Redis waits."""
+
+    def __init__(self) -> None:
+        self.gates: list[asyncio.Event] = []
+        self.open = 0
+
+    async def admit(self, client: str) -> None:
+        pass
+
+    async def open_stream(self, client: str) -> None:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        self.open += 1
+
+    def close_stream(self, client: str) -> None:
+        self.open -= 1
+
+
+async def test_a_turn_that_waited_on_its_limit_finds_the_conversation_taken() -> None:
+    """While one turn waits for its reply slot, another turn of the same conversation may
+    start: the first is then refused as ``busy`` and gives its slot back."""
+    limits = GatedLimits()
+    service = ChatService(OneToken(), MemoryStore(StoreLimits(), time.time), AgentRegistry(), limits=limits)
+    try:
+        first = asyncio.create_task(service.start(Turn("one", conversation_id="c")))
+        second = asyncio.create_task(service.start(Turn("two", conversation_id="c")))
+        async with asyncio.timeout(5):
+            while len(limits.gates) < 2:
+                await asyncio.sleep(0)
+            limits.gates[1].set()
+            generation = await second
+            limits.gates[0].set()
+            with pytest.raises(ChatError) as refused:
+                await first
+            assert refused.value.code == "busy"
+            assert limits.open == 1
+            assert generation.task is not None
+            await generation.task
+        assert limits.open == 0
+    finally:
+        await service.aclose()
 
 
 def test_rate_limit_over_http_answers_429_with_retry_after(start_gateway: Any) -> None:

@@ -142,12 +142,20 @@ async def _health(request: Request) -> tuple[bool, dict[str, Any]]:
     provider["name"] = gateway.provider.name
     provider["model"] = gateway.provider.default_model
     healthy = provider["status"] == "ok" and store["status"] == "ok"
-    return healthy, {"status": "ok" if healthy else "degraded", "checks": {"provider": provider, "store": store}}
+    status = "ok" if healthy else "degraded"
+    if gateway.draining:  # shutting down: a load balancer should send nothing new here
+        healthy, status = False, "draining"
+    return healthy, {"status": status, "checks": {"provider": provider, "store": store}}
 
 
-@router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
-    return (await _health(request))[1]
+@router.get("/health", responses={503: {"description": "the gateway is draining: shutting down"}})
+async def health(request: Request, response: Response) -> dict[str, Any]:
+    """200 while serving, also when degraded (the checks say what is down); 503 during
+    the drain on shutdown."""
+    body = (await _health(request))[1]
+    if body["status"] == "draining":
+        response.status_code = 503
+    return body
 
 
 @router.get("/health/live")

@@ -147,9 +147,9 @@ class Connection:
             case Chat(turn):
                 self._follow(await self._start(turn), after=None)
             case Cancel(generation_id):
-                self._own(generation_id).cancel()
+                (await self._own(generation_id)).cancel()
             case Resume(generation_id, after):
-                self._resume(self._own(generation_id), after)
+                self._resume(await self._own(generation_id), after)
             case ClearHistory(conversation_id):
                 await self._clear(conversation_id)
             case Ping():
@@ -161,6 +161,7 @@ class Connection:
                 assert_never(command)
 
     async def _start(self, turn: Turn, *, wait: bool = False) -> Generation:
+        self.gateway.refuse_if_draining()
         limit = self.peer.limits.message_bytes
         if len(turn.message) * 4 > limit and len(turn.message.encode()) > limit:
             # Frames may carry history besides the message (CS_Agent); the message has its own cap.
@@ -217,8 +218,8 @@ class Connection:
         self._follow(generation, after=None)
         await generation.wait_finished()
 
-    def _own(self, generation_id: str) -> Generation:
-        return self.gateway.service.find(self.peer.owner, generation_id, scope=self.peer.scope)
+    async def _own(self, generation_id: str) -> Generation:
+        return await self.gateway.service.find(self.peer.owner, generation_id, scope=self.peer.scope)
 
     def _resume(self, generation: Generation, after: int) -> None:
         self.gateway.service.adopt(generation, self.peer.scope)
@@ -291,7 +292,9 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
     if not origin_allowed(websocket, gateway.settings.cors_origin_list):
         await websocket.close(code=1008, reason="origin not allowed")
         return
-    await websocket.accept()
+    instance = gateway.instance
+    # Which instance answers: for operators behind a load balancer (and for tests).
+    await websocket.accept(headers=[(b"x-chatgate-instance", instance.id.encode())] if instance else None)
     name = websocket.query_params.get("dialect")
     try:
         factory = dialect_named(name) if name is not None else default
@@ -307,7 +310,10 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
     )
     connection = Connection(websocket, peer, factory(peer))
     limit = gateway.settings.max_connections
-    if limit and gateway.websockets_open >= limit:
+    # This instance's own count first (no round trip when it alone is full), then, with
+    # Redis, the sum over every instance.
+    shared = gateway.shared_limits.connections if gateway.shared_limits is not None else None
+    if limit and (gateway.websockets_open >= limit or (shared is not None and not await shared.try_open())):
         await connection.emit(
             error_event("busy", f"the gateway holds its maximum of {limit} connections", retryable=True)
         )
@@ -325,6 +331,8 @@ async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectF
         await connection.run()
     finally:
         gateway.websockets_open -= 1
+        if shared is not None:
+            shared.close()
         gateway.metrics.websocket_closed()
 
 

@@ -54,6 +54,10 @@ class Generation:
     orphan_timer: asyncio.TimerHandle | None = None
     #: Tokens received, which may be more than deltas made.
     tokens: int = 0
+    #: A copy of a generation another instance runs (:mod:`chatgate.chat.sharing`).
+    replica: bool = False
+    #: The process is stopping: the end is a retryable error, not a client's cancel.
+    stopping: bool = False
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
     _listeners: list[Listener] = field(default_factory=list)
@@ -93,6 +97,17 @@ class Generation:
 
     def emit(self, event: Event) -> None:
         self._append(event)
+
+    def replay(self, event: Event) -> None:
+        """Log an event exactly as the generation this one copies logged it (its deltas
+        keep their seq); the terminal event ends this one too."""
+        if event["type"] == "delta":
+            self._seq = event["seq"]
+            self.text_parts.append(event["text"])
+        if event["type"] in ("done", "error"):
+            self.finish(event)
+        else:
+            self._append(event)
 
     def finish(self, event: Event) -> None:
         self.finished = True

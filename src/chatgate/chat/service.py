@@ -21,7 +21,9 @@ from chatgate.chat.agents import Agent, AgentRegistry
 from chatgate.chat.events import ChatError, DoneEvent, ErrorEvent, error_event, provider_error_code
 from chatgate.chat.generation import Generation
 from chatgate.chat.lifecycle import GenerationObserver, Observers
-from chatgate.chat.limits import RateLimiter, StreamCounter
+from chatgate.chat.limits import ClientLimits, LocalLimits
+from chatgate.chat.record import TurnRecord, turn_id
+from chatgate.chat.sharing import SharedGenerations
 from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest
 from chatgate.store.base import (
     Conversation,
@@ -108,13 +110,14 @@ class ChatService:
         memory_enabled: bool = True,
         max_turns: int = 20,
         fallback_models: list[str] | None = None,
+        checkpoint_s: float = 1.0,
         retry: RetryPolicy | None = None,
         keep_finished_s: float = 30.0,
-        rate_limiter: RateLimiter | None = None,
-        max_streams_per_client: int = 0,
+        limits: ClientLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         observers: Sequence[GenerationObserver] = (),
+        shared: SharedGenerations | None = None,
     ) -> None:
         self.provider = provider
         self.store = store
@@ -122,13 +125,16 @@ class ChatService:
         self.memory_enabled = memory_enabled
         self.max_turns = max_turns
         self.fallback_models = fallback_models or []
+        #: How often the answer so far is written while it streams.
+        self.checkpoint_s = checkpoint_s
         self.retry = retry or RetryPolicy()
         self.keep_finished_s = keep_finished_s
         self._clock = clock
         self._wall_clock = wall_clock
-        self._rate_limiter = rate_limiter
-        self._streams = StreamCounter(max_streams_per_client)
+        self._limits: ClientLimits = limits or LocalLimits()
         self._observers = Observers(observers)
+        #: Where other instances follow this one's generations, and it theirs.
+        self._shared = shared
         #: Running and recently finished generations by (namespace, id).
         self._generations: dict[tuple[str, str], Generation] = {}
         #: Anonymous generations with client-chosen ids whose socket dropped, by id.
@@ -142,12 +148,33 @@ class ChatService:
         """Every running or recently finished generation of this process."""
         return list(self._generations.values())
 
-    def find(self, owner: str | None, generation_id: str, *, scope: str | None = None) -> Generation:
+    async def find(self, owner: str | None, generation_id: str, *, scope: str | None = None) -> Generation:
         """The caller's generation ``generation_id``; ``not_found`` for anyone else's.
 
         An anonymous caller finds what it started on this connection (``scope``), any
         generation whose id the server made, and generations with ids of its choosing
-        that lost their socket (that is how it resumes after reconnecting)."""
+        that lost their socket (that is how it resumes after reconnecting). One that
+        another instance runs is found as a replica of it, when instances share."""
+        found = self._find_here(owner, generation_id, scope)
+        if found is None and self._shared is not None:
+            with _store_reachable():
+                found = await self._shared.find(
+                    _namespaces(owner, scope), generation_id, offered=owner is None
+                )
+        if found is None:
+            with _store_reachable():
+                for namespace in _namespaces(owner, scope):
+                    if await self.store.interrupted(turn_id(namespace, generation_id)) is not None:
+                        raise ChatError(
+                            "internal",
+                            "this answer was interrupted: the gateway running it stopped; the partial "
+                            "answer is kept in the conversation; send the message again",
+                            retryable=True,
+                        )
+            raise ChatError("not_found", f"no generation {generation_id!r}")
+        return found
+
+    def _find_here(self, owner: str | None, generation_id: str, scope: str | None) -> Generation | None:
         if owner is not None:
             found = self._generations.get((owner, generation_id))
         else:
@@ -156,30 +183,57 @@ class ChatService:
                 or self._generations.get((ANONYMOUS, generation_id))
                 or self._orphans.get(generation_id)
             )
-        if found is None:
-            raise ChatError("not_found", f"no generation {generation_id!r}")
         return found
 
     def orphan(self, generation: Generation, grace_s: float) -> None:
         """Its socket dropped: keep generating for ``grace_s`` so it can be resumed."""
         if generation.finished:
             return
+        if generation.replica:
+            if self._shared is not None:
+                self._shared.orphan(generation, grace_s)
+            return
         self.adopt(generation)
         if generation.owner is None and generation.namespace != ANONYMOUS:
             self._orphans[generation.id] = generation
+            if self._shared is not None:
+                self._shared.offer(generation, grace_s)
         loop = asyncio.get_running_loop()
         generation.orphan_timer = loop.call_later(grace_s, generation.cancel)
 
     def adopt(self, generation: Generation, scope: str | None = None) -> None:
         """A socket follows ``generation`` again; an anonymous caller's client-chosen id
         moves into that socket's namespace."""
+        if generation.replica:
+            if self._shared is not None:
+                self._shared.adopt(generation)
+            return
         if generation.orphan_timer is not None:
             generation.orphan_timer.cancel()
             generation.orphan_timer = None
         if self._orphans.get(generation.id) is generation:
             del self._orphans[generation.id]
+            if self._shared is not None:
+                self._shared.withdraw(generation)
             if scope is not None:
                 self._rekey(generation, _scoped(scope))
+
+    # What other instances ask of this one's generations (GenerationControl).
+
+    def cancel_local(self, namespace: str, generation_id: str) -> None:
+        found = self._generations.get((namespace, generation_id))
+        if found is not None:
+            found.cancel()
+
+    def orphan_local(self, namespace: str, generation_id: str, grace_s: float) -> None:
+        found = self._generations.get((namespace, generation_id))
+        if found is not None:
+            self.orphan(found, grace_s)
+
+    def adopt_local(self, namespace: str, generation_id: str) -> None:
+        found = self._generations.get((namespace, generation_id))
+        if found is not None:
+            self.adopt(found)
 
     def _rekey(self, generation: Generation, namespace: str) -> None:
         if self._generations.get((generation.namespace, generation.id)) is generation:
@@ -204,8 +258,7 @@ class ChatService:
         whose clients sent their next message whenever they liked)."""
         agent = self.agents.get(turn.agent)
         limit_key = turn.owner or turn.client or "anonymous"
-        if self._rate_limiter is not None:
-            self._rate_limiter.acquire(limit_key)
+        await self._limits.admit(limit_key)
         conversation_id = turn.conversation_id or uuid.uuid4().hex
         if not CONVERSATION_ID.fullmatch(conversation_id):
             raise ChatError("bad_request", CONVERSATION_ID_RULE)
@@ -238,7 +291,13 @@ class ChatService:
             namespace=namespace,
             conversation_key=key,
         )
-        self._streams.acquire(limit_key)
+        await self._limits.open_stream(limit_key)
+        try:  # that may have asked another server: a turn may have begun meanwhile
+            self._refuse_running_id(namespace, generation_id)
+            await self._wait_for_conversation(key, wait=False)
+        except ChatError:
+            self._limits.close_stream(limit_key)
+            raise
         generation.limit_key = limit_key
         generation.emit(generation.start_event())
         self._generations[(namespace, generation_id)] = generation
@@ -247,6 +306,8 @@ class ChatService:
             self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
         )
         self._observers.started(generation)
+        if self._shared is not None:
+            self._shared.publish(generation)
         return generation
 
     async def _wait_for_conversation(self, key: str, *, wait: bool) -> None:
@@ -326,6 +387,7 @@ class ChatService:
     async def aclose(self) -> None:
         tasks = [g.task for g in self._generations.values() if g.task and not g.task.done()]
         for generation in list(self._generations.values()):
+            generation.stopping = True
             generation.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -339,8 +401,15 @@ class ChatService:
         generation.running = True
         if generation.cancel_requested:  # cancelled before this task took a step
             self._release(generation)
-            self._conclude(generation, _cancelled_at_once(generation), None)
+            stopped = _shutting_down(generation) if generation.stopping else _cancelled_at_once(generation)
+            self._conclude(generation, stopped, None)
             return
+        record = None
+        if remember and not generation.forgotten:
+            record = TurnRecord(
+                self.store, generation, owner=turn.owner, interval_s=self.checkpoint_s, clock=self._clock
+            )
+            record.begin(turn.message)
         started = self._clock()
         first_token_at: float | None = None
         usage: Usage | None = None
@@ -355,6 +424,8 @@ class ChatService:
                         first_token_at = self._clock()
                         observers.first_token(generation, first_token_at - started)
                     generation.emit_delta(chunk.text)
+                    if record is not None:
+                        record.progress()
                     if wants_tokens:
                         observers.token(generation, chunk.text)
                 if chunk.finish_reason is not None:
@@ -362,9 +433,12 @@ class ChatService:
                     usage = chunk.usage
         except asyncio.CancelledError as exc:
             reason = "cancelled"
-            if not generation.cancel_requested:
-                # Not a client's cancel: the process is stopping. End the followers' wait.
+            if generation.stopping or not generation.cancel_requested:
+                # Not a client's cancel: the process is stopping. Keep what was answered,
+                # and end the followers' wait.
                 self._release(generation)
+                if record is not None:
+                    await self._remember(generation, record, partial=True)
                 self._conclude(generation, _shutting_down(generation), exc)
                 raise
         except ProviderError as exc:
@@ -377,12 +451,12 @@ class ChatService:
             # retryability is the upstream error's own.
             retryable = exc.retryable or generation.tokens > 0
             end = error_event(provider_error_code(exc), exc.message, id=generation.id, retryable=retryable)
-            await self._end(generation, turn, remember, end, partial=True, exc=exc)
+            await self._end(generation, record, end, partial=True, exc=exc)
             return
         except Exception as exc:
             log.exception("generation crashed", extra={"request_id": generation.id})
             end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
-            await self._end(generation, turn, remember, end, partial=True, exc=exc)
+            await self._end(generation, record, end, partial=True, exc=exc)
             return
         ended = self._clock()
         completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
@@ -396,7 +470,7 @@ class ChatService:
                 "total_ms": round((ended - started) * 1000, 3),
             },
         }
-        await self._end(generation, turn, remember, done, partial=reason == "cancelled")
+        await self._end(generation, record, done, partial=reason == "cancelled")
 
     async def _stream_with_fallback(
         self, generation: Generation, request: ProviderRequest
@@ -439,8 +513,7 @@ class ChatService:
     async def _end(
         self,
         generation: Generation,
-        turn: Turn,
-        remember: bool,
+        record: TurnRecord | None,
         end: DoneEvent | ErrorEvent,
         *,
         partial: bool,
@@ -448,10 +521,8 @@ class ChatService:
     ) -> None:
         generation.ending = True  # a cancel from now on would cut the write, not the answer
         try:
-            if remember and not generation.forgotten:
-                await self._remember(generation, turn, partial=partial)
-        except Exception:
-            log.exception("could not store the answer", extra={"request_id": generation.id})
+            if record is not None:
+                await self._remember(generation, record, partial=partial)
         finally:
             self._release(generation)
             self._conclude(generation, end, exc)
@@ -468,24 +539,24 @@ class ChatService:
         """Free the conversation for its next turn; keep the log a while for resumes."""
         if self._by_conversation.get(generation.conversation_key) is generation:
             del self._by_conversation[generation.conversation_key]
-        self._streams.release(generation.limit_key)
+        self._limits.close_stream(generation.limit_key)
         if generation.orphan_timer is not None:
             generation.orphan_timer.cancel()
             generation.orphan_timer = None
         loop = asyncio.get_running_loop()
         loop.call_later(self.keep_finished_s, self._forget, generation)
 
-    async def _remember(self, generation: Generation, turn: Turn, *, partial: bool) -> None:
-        now = time.time()
-        text = generation.text
-        if generation.tokens == 0 and partial and not generation.cancel_requested:
-            return  # nothing was answered; the client will send the message again
-        messages = [StoredMessage("user", turn.message, created_at=now)]
-        if text or not partial:
-            messages.append(StoredMessage("assistant", text, partial=partial, created_at=now))
-        await self.store.append(
-            generation.conversation_key, messages, owner=turn.owner, agent=generation.agent
-        )
+    async def _remember(self, generation: Generation, record: TurnRecord, *, partial: bool) -> None:
+        """End the turn's record: its answer, or, when nothing was answered (the upstream
+        failed or the client cancelled before the first token), no turn at all: the client
+        sends the message again. A conversation cleared or deleted meanwhile stays so."""
+        answer = None
+        if generation.tokens or not partial:
+            answer = StoredMessage("assistant", generation.text, partial=partial, created_at=time.time())
+        try:
+            await record.end(answer)
+        except Exception:
+            log.exception("could not store the answer", extra={"request_id": generation.id})
 
 
 def _cancelled_at_once(generation: Generation) -> DoneEvent:
@@ -500,7 +571,12 @@ def _cancelled_at_once(generation: Generation) -> DoneEvent:
 
 
 def _shutting_down(generation: Generation) -> ErrorEvent:
-    return error_event("internal", "the gateway is shutting down", id=generation.id, retryable=True)
+    return error_event(
+        "internal",
+        "the gateway is shutting down before this answer ended; what was answered is kept; send the message again",
+        id=generation.id,
+        retryable=True,
+    )
 
 
 @contextlib.contextmanager
@@ -516,6 +592,14 @@ def _store_reachable() -> Iterator[None]:
 
 def _scoped(scope: str | None) -> str:
     return f"{ANONYMOUS}{scope}"
+
+
+def _namespaces(owner: str | None, scope: str | None) -> list[str]:
+    """Where a caller's generation ids may live, in the order :meth:`ChatService.find`
+    looks (then, for an anonymous caller, ids it chose on a socket that dropped)."""
+    if owner is not None:
+        return [owner]
+    return [_scoped(scope), ANONYMOUS] if scope else [ANONYMOUS]
 
 
 def _as_seen_by(owner: str | None, info: ConversationInfo) -> ConversationInfo:

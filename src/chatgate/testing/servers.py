@@ -195,3 +195,50 @@ def run_gateway(settings: Settings | None = None, **overrides: Any) -> Iterator[
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@dataclass
+class ServedProcess:
+    """A ``chatgate serve`` process (see :func:`serve_process`)."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+
+@contextmanager
+def serve_process(env: dict[str, str], *args: str, ready_s: float = 30.0) -> Iterator[ServedProcess]:
+    """``chatgate serve`` as a real process on a free port, with ``env`` added to this
+    process's environment (``CHATGATE_*`` variables of the caller's own removed); ready
+    once ``/health/live`` answers, stopped (killed if need be) on the way out."""
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("CHATGATE_", "OLLAMA_"))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatgate", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        env={**base, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    served = ServedProcess(process, port)
+
+    def live() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"chatgate serve exited with {process.returncode}")
+        try:
+            return httpx.get(f"{served.url}/health/live", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(live, timeout=ready_s, interval=0.05, what="chatgate serve ready")
+        yield served
+    finally:
+        if process.poll() is None:
+            stop_process(process)
