@@ -22,12 +22,13 @@ from chatgate.observability import Metrics
 from chatgate.providers.base import Chunk, ProviderError, ProviderRequest, ProviderStreamError
 from chatgate.store.base import StoreLimits
 from chatgate.store.memory import MemoryStore
+from chatgate.testing.providers import StubProvider
 
 BOUND_S = 5.0
 TOKENS = ["Once", " upon", " a", " time"]
 
 
-class ScriptedProvider:
+class ScriptedProvider(StubProvider):
     """Streams ``TOKENS`` with a task switch between them, then ends, fails or hangs."""
 
     name: ClassVar[str] = "scripted"
@@ -47,15 +48,6 @@ class ScriptedProvider:
         if self.then == "hang":
             await asyncio.Event().wait()
         yield Chunk(finish_reason="stop")
-
-    async def models(self) -> list[str]:
-        return [self.default_model]
-
-    async def check(self) -> str:
-        return "ok"
-
-    async def aclose(self) -> None:
-        pass
 
 
 class Recorder(GenerationObserver):

@@ -19,6 +19,7 @@ from chatgate.chat.service import ChatService, Turn
 from chatgate.providers.base import Chunk, ProviderRequest
 from chatgate.store.base import StoreLimits
 from chatgate.store.memory import MemoryStore
+from chatgate.testing.providers import StubProvider
 from chatgate.testing.servers import FakeLLM
 
 
@@ -75,22 +76,13 @@ async def test_local_limits_are_both_limits_of_one_process() -> None:
         await unlimited.open_stream("a")
 
 
-class OneToken:
+class OneToken(StubProvider):
     name: ClassVar[str] = "one-token"
     default_model = "one-token-model"
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
         yield Chunk("hi")
         yield Chunk(finish_reason="stop")
-
-    async def models(self) -> list[str]:
-        return [self.default_model]
-
-    async def check(self) -> str:
-        return "ok"
-
-    async def aclose(self) -> None:
-        pass
 
 
 class GatedLimits:

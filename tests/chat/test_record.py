@@ -17,11 +17,12 @@ from chatgate.chat.service import ChatService, RetryPolicy, Turn
 from chatgate.providers.base import Chunk, ProviderRequest
 from chatgate.store.base import StoredMessage, StoreLimits
 from chatgate.store.memory import MemoryStore
+from chatgate.testing.providers import StubProvider
 
 BOUND_S = 5.0
 
 
-class SteppedProvider:
+class SteppedProvider(StubProvider):
     """Yields the tokens a test puts in its queue, and ends at ``None``."""
 
     name: ClassVar[str] = "stepped"
@@ -34,15 +35,6 @@ class SteppedProvider:
         while (text := await self.tokens.get()) is not None:
             yield Chunk(text)
         yield Chunk(finish_reason="stop")
-
-    async def models(self) -> list[str]:
-        return [self.default_model]
-
-    async def check(self) -> str:
-        return "ok"
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def eventually(check: Callable[[], object], what: str) -> None:

@@ -14,11 +14,12 @@ from chatgate.providers.base import Chunk, ProviderRequest, ProviderStreamError
 from chatgate.store.base import StoreLimits
 from chatgate.store.memory import MemoryStore
 from chatgate.testing.fake_llm import fake_reply, fake_tokens
+from chatgate.testing.providers import StubProvider
 
 BOUND_S = 5.0
 
 
-class BurstProvider:
+class BurstProvider(StubProvider):
     """Yields every token without waiting, reports no usage, and may break off after them."""
 
     name: ClassVar[str] = "burst"
@@ -35,15 +36,6 @@ class BurstProvider:
             # Not retryable in itself: only the tokens already sent make the turn retryable.
             raise ProviderStreamError("the upstream broke off", provider=self.name, retryable=False)
         yield Chunk(finish_reason="stop")
-
-    async def models(self) -> list[str]:
-        return [self.default_model]
-
-    async def check(self) -> str:
-        return "ok"
-
-    async def aclose(self) -> None:
-        pass
 
 
 async def answer(provider: BurstProvider) -> tuple[list[dict[str, object]], list[tuple[str, str, bool]]]:

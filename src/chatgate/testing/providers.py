@@ -1,0 +1,21 @@
+"""An upstream written in a few lines, for tests of the chat core: subclass
+:class:`StubProvider` and write ``stream`` (an async generator of ``Chunk``); the rest of the provider contract is
+answered here (one model, always healthy, nothing to close)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class StubProvider:
+    name: ClassVar[str] = "scripted"
+    default_model = "scripted-model"
+
+    async def models(self) -> list[str]:
+        return [self.default_model]
+
+    async def check(self) -> str:
+        return "ok"
+
+    async def aclose(self) -> None:
+        pass
