@@ -1,6 +1,6 @@
 """An upstream written in a few lines, for tests of the chat core: subclass
-:class:`StubProvider` and write ``stream`` (an async generator of ``Chunk``); the rest of the provider contract is
-answered here (one model, always healthy, nothing to close)."""
+:class:`StubProvider` and write ``stream`` (an async generator of ``Chunk``); the rest
+of the provider contract is answered here (one model, always healthy, nothing to close)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import ClassVar
 
 
 class StubProvider:
-    name: ClassVar[str] = "scripted"
-    default_model = "scripted-model"
+    name: ClassVar[str] = "stub"
+    default_model = "stub-model"
 
     async def models(self) -> list[str]:
         return [self.default_model]
