@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
+from chatgate.store import redis as redis_store
+
 #: Every key chatgate writes in Redis starts with this.
 PREFIX = "chatgate:"
 #: Store URL schemes that name a Redis server.
@@ -28,4 +30,4 @@ def is_redis(store_url: str) -> bool:
 
 def connect(url: str) -> aioredis.Redis:
     """A client (its own connection pool) for the shared state behind ``url``."""
-    return aioredis.from_url(url)
+    return redis_store.connect(url)

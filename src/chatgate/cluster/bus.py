@@ -2,14 +2,15 @@
 instance, not only from the one that runs it.
 
 The instance that runs a generation mirrors its log into a stream, one ``XADD`` per
-event, sent in one pipelined round trip per batch: while a batch is on its way, the
-tokens that arrive join one delta in the in-process log (the coalescing every slow
-reader gets), so a fast upstream costs a round trip per batch, not per token. The
+batch of events: the events logged while the previous batch was on its way, and while
+tokens keep coming, at most one batch per ``BATCH_S``. A fast or busy upstream thus costs
+a round trip per batch, not per token; a slow one's tokens still go out at once. The
 stream expires a while after the answer ends (the resume grace), and is capped at
 ``STREAM_MAXLEN`` entries as a safety bound. ::
 
-    g:{namespace}:{id}   stream; entries {e: event JSON}; the start entry also has
-                         i (the running instance), k (conversation key), o (owner)
+    g:{namespace}:{id}   stream; entries {e: JSON array of events}; the first entry, which
+                         opens with the start event, also has i (the running instance),
+                         k (conversation key), o (owner)
     offered:{id}         the namespace of an anonymous client's generation, by the id
                          the client chose, while its socket is gone (expires with the grace)
     control              pub/sub channel: cancel, orphan and adopt requests
@@ -52,8 +53,10 @@ CONTROL = f"{PREFIX}control"
 #: A stream is trimmed (approximately) beyond this many entries; an answer needs one
 #: entry per batch of tokens, so only a runaway one comes near it.
 STREAM_MAXLEN = 100_000
-#: A running generation's stream outlives a silent hour at most (refreshed per batch).
+#: A running generation's stream outlives a silent hour at most (refreshed every half hour).
 RUNNING_EXPIRE_S = 3600
+#: While tokens keep coming, a generation's batches go out at most this often.
+BATCH_S = 0.05
 #: How long a replica's reader waits for new entries before checking on the instance.
 BLOCK_MS = 1000
 #: Retries of a reader that cannot reach Redis before its replica gives up.
@@ -201,7 +204,7 @@ class RedisGenerations:
             self._send(replica, "adopt")
 
     def _replicate(self, key: str, namespace: str, fields: dict[bytes, bytes]) -> _Replica:
-        start = orjson.loads(fields[b"e"])
+        start = orjson.loads(fields[b"e"])[0]
         owner = fields.get(b"o")
         replica = _Replica(
             id=start["id"],
@@ -231,14 +234,16 @@ class RedisGenerations:
                     entries = read[0][1] if read else []
                     for entry_id, fields in entries:
                         last = entry_id
-                        replica.replay(orjson.loads(fields[b"e"]))
+                        for event in orjson.loads(fields[b"e"]):
+                            replica.replay(event)
                         if replica.finished:
                             return
                     if not entries or block is None:
                         if not await self._running_somewhere(replica, key):
                             # The end may have landed just before the instance stopped.
                             for _entry, fields in await self.redis.xrange(key, f"({last.decode()}", "+"):
-                                replica.replay(orjson.loads(fields[b"e"]))
+                                for event in orjson.loads(fields[b"e"]):
+                                    replica.replay(event)
                             if not replica.finished:
                                 replica.finish(_lost(replica))
                             return
@@ -293,15 +298,18 @@ class _Replica(Generation):
 
 
 class _Mirror:
-    """Writes one generation's log to its stream, one batch in flight at a time."""
+    """Writes one generation's log to its stream: one entry per batch of events, one
+    batch in flight at a time, and at most one batch per ``BATCH_S`` while tokens keep
+    coming (a slow upstream's tokens go out one by one, at once)."""
 
-    __slots__ = ("bus", "generation", "index", "key", "task")
+    __slots__ = ("bus", "generation", "index", "key", "refresh_at", "task")
 
     def __init__(self, bus: RedisGenerations, generation: Generation) -> None:
         self.bus = bus
         self.generation = generation
         self.key = stream_key(generation.namespace, generation.id)
         self.index = 0
+        self.refresh_at = 0.0
         self.task: asyncio.Task[None] | None = None
 
     def grown(self, generation: Generation) -> None:
@@ -310,26 +318,39 @@ class _Mirror:
 
     async def _write(self) -> None:
         bus = self.bus
+        loop = asyncio.get_running_loop()
         over = False
         try:
             while True:
                 events = self.generation.read_from(self.index)
                 if not events:
                     return
+                first = self.index == 0
                 self.index += len(events)
                 ended = events[-1]["type"] in TERMINAL
-                pipe = bus.redis.pipeline(transaction=False)
-                for event in events:
-                    pipe.xadd(self.key, self._fields(event), maxlen=STREAM_MAXLEN, approximate=True)
-                if ended:
-                    pipe.pexpire(self.key, bus._keep_ms)
+                began = loop.time()
+                fields = self._fields(events, first=first)
+                if first or ended or began >= self.refresh_at:
+                    pipe = bus.redis.pipeline(transaction=False)
+                    pipe.xadd(self.key, fields, maxlen=STREAM_MAXLEN, approximate=True)
+                    if ended:
+                        pipe.pexpire(self.key, bus._keep_ms)
+                    else:
+                        pipe.expire(self.key, RUNNING_EXPIRE_S)
+                        self.refresh_at = began + RUNNING_EXPIRE_S / 2
+                    await pipe.execute()
                 else:
-                    pipe.expire(self.key, RUNNING_EXPIRE_S)
-                await pipe.execute()
+                    await bus.redis.xadd(self.key, fields, maxlen=STREAM_MAXLEN, approximate=True)
                 bus._mirror_ok()
                 if ended:
                     over = True
                     return
+                # Let the next tokens gather into one entry. Other instances read this log
+                # only to resume, where a few milliseconds do not matter; this instance's
+                # own clients read the in-process log and wait for nothing.
+                wait = began + BATCH_S - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
         except (RedisError, OSError) as exc:
             over = True
             self.generation.unsubscribe(self.grown)
@@ -339,9 +360,9 @@ class _Mirror:
             if over:
                 bus._mirrors.discard(self)
 
-    def _fields(self, event: Event) -> dict[Any, Any]:
-        fields = {b"e": orjson.dumps(event)}
-        if event["type"] == "start":
+    def _fields(self, events: list[Event], *, first: bool) -> dict[Any, Any]:
+        fields = {b"e": orjson.dumps(events)}
+        if first:  # the batch that opens the stream begins with the start event
             generation = self.generation
             fields[b"i"] = self.bus.instance.id.encode()
             fields[b"k"] = generation.conversation_key.encode()

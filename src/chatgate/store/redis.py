@@ -262,6 +262,20 @@ return count
 """
 
 
+#: Connections one client may hold at once. Each command in flight holds one (a busy
+#: gateway has hundreds of answers writing at the same moment); one more waits for a
+#: connection to come free, for up to ``POOL_WAIT_S``, rather than failing at once as
+#: redis-py's default pool does.
+POOL_SIZE = 512
+POOL_WAIT_S = 10.0
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client with its own pool of connections to the Redis at ``url``."""
+    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S)
+    return aioredis.Redis(connection_pool=pool)
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -328,7 +342,7 @@ class RedisStore:
         return self._redis
 
     async def open(self) -> None:
-        client = aioredis.from_url(self.url)
+        client = connect(self.url)
         try:
             await client.ping()
         except BaseException:
