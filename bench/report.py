@@ -177,7 +177,21 @@ def _granian(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def markdown(results: dict[str, Any], chart_name: str) -> str:
+#: The sections this report writes; any other section of RESULTS.md belongs to another
+#: benchmark script (redis_memory.py, cluster.py) and is kept as it is.
+OWN_SECTIONS = (
+    "## Targets", "## Answers", "## Idle WebSockets", "## Concurrent 20-tokens/s streams",
+    "## ASGI server", "## What was changed", "## Failures",
+)
+
+
+def other_sections(previous: str) -> list[str]:
+    """The sections of a previous RESULTS.md that other scripts wrote, in their order."""
+    parts = previous.split("\n## ")[1:]
+    return [f"## {part.rstrip()}" for part in parts if not f"## {part}".startswith(OWN_SECTIONS)]
+
+
+def markdown(results: dict[str, Any], chart_name: str, kept: list[str] | None = None) -> str:
     m = results["machine"]
     s = results["settings"]
     failures = [*results.get("failures", []), *(results.get("streams") or {}).get("failures", [])]
@@ -233,6 +247,7 @@ def markdown(results: dict[str, Any], chart_name: str) -> str:
         "",
         *_granian(results),
         "",
+        *[line for section in kept or [] for line in (section, "")],
         *_changes(),
         *(["## Failures", "", *[f"- {f}" for f in failures], ""] if failures else []),
         "Raw figures: `bench/out/results.json`.",
@@ -289,7 +304,8 @@ def _changes() -> list[str]:
 
 def write(results: dict[str, Any], markdown_path: Path, chart_path: Path) -> None:
     drawn = chart(results, chart_path)
-    text = markdown(results, chart_path.name)
+    previous = markdown_path.read_text() if markdown_path.exists() else ""
+    text = markdown(results, chart_path.name, other_sections(previous))
     if not drawn:
         text = text.replace(f"![answers/s and added TTFT]({chart_path.name})", "(no chart: matplotlib is not installed)")
     markdown_path.write_text(text)
