@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from chatgate.api.auth import caller
 from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, error_response
@@ -35,7 +35,8 @@ def gateway_of(request: Request) -> Gateway:
 class ChatBody(BaseModel):
     message: str = Field(min_length=1, max_length=4000)
     agent: str = Field(default="general", max_length=128)
-    stream: bool = False
+    # A JSON boolean only: 0.0 or "yes" is a client bug worth a 422, not a guess.
+    stream: StrictBool = False
     conversation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._~-]{1,128}$")
 
 
