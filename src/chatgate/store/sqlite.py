@@ -1,10 +1,25 @@
-"""The SQLite store: one aiosqlite connection in WAL mode, schema versioned by
-``PRAGMA user_version``.
+"""The SQLite store: one ``sqlite3`` connection in WAL mode on a thread of its own,
+schema versioned by ``PRAGMA user_version``.
+
+Every store call is one hop to that thread: the call's whole transaction (BEGIN, all
+its statements, COMMIT) runs there as one synchronous function of :class:`_Database`.
+With aiosqlite each statement was a hop of its own, and the hops, not SQLite, were
+most of a call's cost. aiosqlite runs callables on its thread only through private
+API (``Connection._execute``), so the store uses the standard module on a
+``ThreadPoolExecutor(max_workers=1)`` instead: the executor's queue runs the calls one
+after another, which is what keeps one call's statements out of another's ``BEGIN``
+(the lock the aiosqlite version needed). A cancelled call either never started (it
+leaves the queue) or runs to its COMMIT, never halfway. ``sqlite3`` keeps each
+connection's prepared statements (128, more than the store has), so the SQL strings
+are compiled once.
+
+Writers begin with ``BEGIN IMMEDIATE``: most read before they write, and a deferred
+transaction whose read snapshot is stale fails at its first write instead of waiting
+out the busy timeout while another process (a second worker on the same file) writes.
+The clock is read on the event loop, once per call, in the order calls run.
 
 Expiry compares ``? - updated_at > ?`` in SQL, the same float arithmetic as the memory
-store, so both agree at the boundary. Operations share one connection, so each one
-holds a lock for its whole transaction: otherwise a second coroutine's statements
-would land inside the first one's ``BEGIN``.
+store, so both agree at the boundary.
 
 An open turn is a row of ``open_turns`` naming the rows of its user message and answer,
 so a checkpoint rewrites its answer by primary key. The row goes with its conversation
@@ -16,12 +31,11 @@ matches nothing rather than another message.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager, suppress
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
-
-import aiosqlite
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from chatgate.store.base import (
     MAX_OPEN_TURNS,
@@ -38,11 +52,14 @@ from chatgate.vocabulary import Role
 URL_PREFIX = "sqlite:///"
 MEMORY_PATH = ":memory:"
 
-Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Migration = Callable[[sqlite3.Connection], None]
 
 
-async def _create_tables(db: aiosqlite.Connection) -> None:
-    await db.execute(
+def _create_tables(db: sqlite3.Connection) -> None:
+    db.execute(
         """CREATE TABLE conversations (
             id TEXT PRIMARY KEY,
             owner TEXT NULL,
@@ -52,7 +69,7 @@ async def _create_tables(db: aiosqlite.Connection) -> None:
             updated_at REAL NOT NULL
         )"""
     )
-    await db.execute(
+    db.execute(
         """CREATE TABLE messages (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
@@ -62,25 +79,25 @@ async def _create_tables(db: aiosqlite.Connection) -> None:
             created_at REAL NOT NULL
         )"""
     )
-    await db.execute("CREATE INDEX messages_by_conversation ON messages(conversation_id, id)")
-    await db.execute("CREATE INDEX conversations_by_updated ON conversations(updated_at)")
+    db.execute("CREATE INDEX messages_by_conversation ON messages(conversation_id, id)")
+    db.execute("CREATE INDEX conversations_by_updated ON conversations(updated_at)")
 
 
-async def _scope_ids_to_owners(db: aiosqlite.Connection) -> None:
+def _scope_ids_to_owners(db: sqlite3.Connection) -> None:
     """Conversation ids became scoped to their owner: an owned conversation is stored
     under ``owner:id`` (see ``chatgate.chat.service.conversation_key``)."""
-    await db.execute("PRAGMA defer_foreign_keys = ON")
-    await db.execute(
+    db.execute("PRAGMA defer_foreign_keys = ON")
+    db.execute(
         """UPDATE messages SET conversation_id = (
             SELECT c.owner || ':' || c.id FROM conversations c WHERE c.id = messages.conversation_id)
         WHERE conversation_id IN (SELECT id FROM conversations WHERE owner IS NOT NULL)"""
     )
-    await db.execute("UPDATE conversations SET id = owner || ':' || id WHERE owner IS NOT NULL")
+    db.execute("UPDATE conversations SET id = owner || ':' || id WHERE owner IS NOT NULL")
 
 
-async def _add_open_turns(db: aiosqlite.Connection) -> None:
+def _add_open_turns(db: sqlite3.Connection) -> None:
     """Turns are written as they happen: the turns begun and not yet ended."""
-    await db.execute(
+    db.execute(
         """CREATE TABLE open_turns (
             turn_id TEXT PRIMARY KEY,
             conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
@@ -89,14 +106,18 @@ async def _add_open_turns(db: aiosqlite.Connection) -> None:
             created_conversation INTEGER NOT NULL
         )"""
     )
-    await db.execute("CREATE INDEX open_turns_by_conversation ON open_turns(conversation_id)")
+    db.execute("CREATE INDEX open_turns_by_conversation ON open_turns(conversation_id)")
 
 
 #: Applied in order; ``PRAGMA user_version`` counts those already applied. Append only.
 MIGRATIONS: list[Migration] = [_create_tables, _scope_ids_to_owners, _add_open_turns]
 
-_INFO_COLUMNS = """c.id, c.owner, c.agent, c.created_at, c.updated_at,
-    (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), c.title"""
+_INFO = """SELECT c.id, c.owner, c.agent, c.created_at, c.updated_at,
+    (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), c.title
+    FROM conversations c"""
+
+_INSERT_MESSAGE = """INSERT INTO messages (conversation_id, role, content, partial, created_at)
+    VALUES (?, ?, ?, ?, ?)"""
 
 
 def _info(row: Iterable[Any]) -> ConversationInfo:
@@ -119,34 +140,319 @@ def _message(row: Iterable[Any]) -> StoredMessage:
     )
 
 
-async def _rows(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> list[Any]:
-    async with db.execute(sql, params) as cursor:
-        return list(await cursor.fetchall())
-
-
-async def _row(db: aiosqlite.Connection, sql: str, params: tuple[Any, ...]) -> Any:
-    async with db.execute(sql, params) as cursor:
-        return await cursor.fetchone()
-
-
-@asynccontextmanager
-async def _transaction(db: aiosqlite.Connection, begin: str) -> AsyncIterator[aiosqlite.Connection]:
-    try:
-        await db.execute(begin)
-        yield db
-        await db.execute("COMMIT")
-    except BaseException:
-        # Also after a cancelled BEGIN, which may still run: ROLLBACK is queued behind it.
-        with suppress(aiosqlite.OperationalError):
-            await db.execute("ROLLBACK")
-        raise
-
-
 def sqlite_path(url: str) -> str:
     """``sqlite:///rel/path.db`` -> ``rel/path.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
     if not url.startswith(URL_PREFIX) or len(url) == len(URL_PREFIX):
         raise ValueError(f"expected sqlite:///path.db or sqlite:///:memory:, got {url!r}")
     return url[len(URL_PREFIX) :]
+
+
+class _Database:
+    """The store's calls, synchronous. Made, used and closed on the store's thread only
+    (``sqlite3`` checks); each method runs inside the transaction :meth:`transaction`
+    opens for it, and ``now`` is the caller's clock reading."""
+
+    def __init__(self, db: sqlite3.Connection, limits: StoreLimits) -> None:
+        self._db = db
+        self._ttl_s = limits.ttl_s
+        self._max_messages = max(limits.max_messages, 0)
+        self._max_conversations = limits.max_conversations
+
+    @classmethod
+    def connect(cls, path: str, limits: StoreLimits) -> _Database:
+        if path != MEMORY_PATH:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are the explicit BEGIN in transaction().
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=NORMAL")
+            database = cls(db, limits)
+            while database.transaction("BEGIN IMMEDIATE", _Database.migrate_one, path):
+                pass
+        except BaseException:
+            db.close()
+            raise
+        return database
+
+    def close(self) -> None:
+        self._db.close()
+
+    def transaction(
+        self,
+        begin: str,
+        work: Callable[Concatenate[_Database, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        self._db.execute(begin)
+        try:
+            result = work(self, *args, **kwargs)
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (the disk is full) leaves the transaction open.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+        return result
+
+    def migrate_one(self, path: str) -> bool:
+        """Apply the next pending migration; False when there is none. The version is
+        read under the write lock (``BEGIN IMMEDIATE``), so two processes opening a new
+        file cannot both apply the same step."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"{path} has schema version {version}, newer than this chatgate ({len(MIGRATIONS)})"
+            )
+        if version == len(MIGRATIONS):
+            return False
+        MIGRATIONS[version](self._db)
+        self._db.execute(f"PRAGMA user_version = {version + 1}")
+        return True
+
+    def append(
+        self,
+        conversation_id: str,
+        messages: list[StoredMessage],
+        owner: str | None,
+        agent: str,
+        now: float,
+    ) -> None:
+        self._open_conversation(conversation_id, owner, agent, title_of(messages), now)
+        self._db.executemany(
+            _INSERT_MESSAGE,
+            [(conversation_id, m.role, m.content, m.partial, m.created_at) for m in messages],
+        )
+        self._trim(conversation_id)
+        self._evict(conversation_id)
+
+    def begin_turn(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        user: StoredMessage,
+        owner: str | None,
+        agent: str,
+        now: float,
+    ) -> None:
+        created = self._open_conversation(conversation_id, owner, agent, title_of([user]), now)
+        user_message_id = self._insert_message(conversation_id, user)
+        self._db.execute(
+            """INSERT OR REPLACE INTO open_turns
+            (turn_id, conversation_id, user_message_id, answer_message_id, created_conversation)
+            VALUES (?, ?, ?, NULL, ?)""",
+            (turn_id, conversation_id, user_message_id, created),
+        )
+        self._db.execute(
+            """DELETE FROM open_turns WHERE conversation_id = ? AND rowid NOT IN (
+                SELECT rowid FROM open_turns WHERE conversation_id = ?
+                ORDER BY rowid DESC LIMIT ?)""",
+            (conversation_id, conversation_id, MAX_OPEN_TURNS),
+        )
+        self._trim(conversation_id)
+        self._evict(conversation_id)
+
+    def checkpoint(self, conversation_id: str, turn_id: str, text: str, now: float) -> None:
+        turn = self._open_turn(conversation_id, turn_id, now)
+        if turn is not None:
+            answer = StoredMessage("assistant", text, partial=True, created_at=now)
+            self._put_answer(conversation_id, turn_id, turn[1], answer)
+            self._touch(conversation_id, now)
+
+    def end_turn(
+        self, conversation_id: str, turn_id: str, answer: StoredMessage | None, now: float
+    ) -> None:
+        turn = self._open_turn(conversation_id, turn_id, now)
+        if turn is None:
+            return
+        user_message_id, answer_message_id, created = turn
+        if answer is not None:
+            self._put_answer(conversation_id, turn_id, answer_message_id, answer)
+        self._db.execute("DELETE FROM open_turns WHERE turn_id = ?", (turn_id,))
+        if answer is None:
+            self._db.execute(
+                "DELETE FROM messages WHERE id IN (?, ?)", (user_message_id, answer_message_id)
+            )
+            if created:
+                self._db.execute(
+                    """DELETE FROM conversations WHERE id = ? AND NOT EXISTS (
+                        SELECT 1 FROM messages WHERE conversation_id = ?)""",
+                    (conversation_id, conversation_id),
+                )
+        self._touch(conversation_id, now)
+
+    def interrupted(self, turn_id: str, now: float) -> str | None:
+        row = self._db.execute(
+            """SELECT t.conversation_id FROM open_turns t
+            JOIN conversations c ON c.id = t.conversation_id
+            WHERE t.turn_id = ? AND ? - c.updated_at <= ?""",
+            (turn_id, now, self._ttl_s),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def window(self, conversation_id: str, max_messages: int, now: float) -> list[StoredMessage]:
+        newest_first = self._db.execute(
+            """SELECT role, content, partial, created_at FROM messages
+            WHERE conversation_id = ? AND EXISTS (
+                SELECT 1 FROM conversations WHERE id = ? AND ? - updated_at <= ?)
+            ORDER BY id DESC LIMIT ?""",
+            (conversation_id, conversation_id, now, self._ttl_s, max_messages),
+        ).fetchall()
+        return [_message(row) for row in reversed(newest_first)]
+
+    def get(self, conversation_id: str, now: float) -> Conversation | None:
+        info = self.info(conversation_id, now)
+        if info is None:
+            return None
+        rows = self._db.execute(
+            """SELECT role, content, partial, created_at FROM messages
+            WHERE conversation_id = ? ORDER BY id""",
+            (conversation_id,),
+        )
+        return Conversation(info=info, messages=[_message(row) for row in rows])
+
+    def info(self, conversation_id: str, now: float) -> ConversationInfo | None:
+        row = self._db.execute(
+            f"{_INFO} WHERE c.id = ? AND ? - c.updated_at <= ?",
+            (conversation_id, now, self._ttl_s),
+        ).fetchone()
+        return None if row is None else _info(row)
+
+    def conversations_of(self, owner: str | None, limit: int, now: float) -> list[ConversationInfo]:
+        rows = self._db.execute(
+            f"""{_INFO} WHERE c.owner IS ? AND ? - c.updated_at <= ?
+            ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?""",
+            (owner, now, self._ttl_s, limit),
+        )
+        return [_info(row) for row in rows]
+
+    def clear(self, conversation_id: str, now: float) -> None:
+        touched = self._db.execute(
+            "UPDATE conversations SET updated_at = ? WHERE id = ? AND ? - updated_at <= ?",
+            (now, conversation_id, now, self._ttl_s),
+        ).rowcount
+        if touched:
+            self._db.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            self._db.execute("DELETE FROM open_turns WHERE conversation_id = ?", (conversation_id,))
+
+    def delete(self, conversation_id: str, now: float) -> bool:
+        existed = self._db.execute(
+            "SELECT 1 FROM conversations WHERE id = ? AND ? - updated_at <= ?",
+            (conversation_id, now, self._ttl_s),
+        ).fetchone()
+        self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+        return existed is not None
+
+    def purge_expired(self, now: float) -> int:
+        return self._db.execute(
+            "DELETE FROM conversations WHERE ? - updated_at > ?", (now, self._ttl_s)
+        ).rowcount
+
+    def ping(self) -> None:
+        self._db.execute("SELECT 1").fetchone()
+
+    def _open_conversation(
+        self, conversation_id: str, owner: str | None, agent: str, title: str, now: float
+    ) -> bool:
+        """Create the conversation when missing or expired (an expired one is gone:
+        writing to its id starts a new one) and return True; else touch it and give it
+        ``title`` if it has none. Whether the INSERT inserted tells which, so no SELECT."""
+        self._db.execute(
+            "DELETE FROM conversations WHERE id = ? AND ? - updated_at > ?",
+            (conversation_id, now, self._ttl_s),
+        )
+        inserted = self._db.execute(
+            """INSERT INTO conversations (id, owner, agent, title, created_at, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING""",
+            (conversation_id, owner, agent, title, now, now),
+        ).rowcount
+        if inserted:
+            return True
+        self._db.execute(
+            """UPDATE conversations SET updated_at = ?,
+                title = CASE WHEN title = '' THEN ? ELSE title END
+            WHERE id = ?""",
+            (now, title, conversation_id),
+        )
+        return False
+
+    def _touch(self, conversation_id: str, now: float) -> None:
+        self._db.execute(
+            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
+        )
+
+    def _insert_message(self, conversation_id: str, message: StoredMessage) -> int:
+        cursor = self._db.execute(
+            _INSERT_MESSAGE,
+            (conversation_id, message.role, message.content, message.partial, message.created_at),
+        )
+        return int(cast(int, cursor.lastrowid))
+
+    def _open_turn(
+        self, conversation_id: str, turn_id: str, now: float
+    ) -> tuple[int, int | None, bool] | None:
+        """The turn's user message id, answer message id and whether it created the
+        conversation, when it is open in this conversation and the conversation lives."""
+        row = self._db.execute(
+            """SELECT t.user_message_id, t.answer_message_id, t.created_conversation
+            FROM open_turns t JOIN conversations c ON c.id = t.conversation_id
+            WHERE t.turn_id = ? AND t.conversation_id = ? AND ? - c.updated_at <= ?""",
+            (turn_id, conversation_id, now, self._ttl_s),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], bool(row[2]))
+
+    def _put_answer(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        answer_message_id: int | None,
+        answer: StoredMessage,
+    ) -> None:
+        """Rewrite the turn's answer where it is, or append it when it has none (or
+        it was trimmed away)."""
+        if answer_message_id is not None:
+            rewritten = self._db.execute(
+                """UPDATE messages SET role = ?, content = ?, partial = ?, created_at = ?
+                WHERE id = ?""",
+                (answer.role, answer.content, answer.partial, answer.created_at, answer_message_id),
+            ).rowcount
+            if rewritten:
+                return
+        answer_message_id = self._insert_message(conversation_id, answer)
+        self._db.execute(
+            "UPDATE open_turns SET answer_message_id = ? WHERE turn_id = ?",
+            (answer_message_id, turn_id),
+        )
+        self._trim(conversation_id)
+
+    def _trim(self, conversation_id: str) -> None:
+        """Keep the newest ``max_messages``: the subquery finds the newest one to drop,
+        or NULL, which matches nothing."""
+        self._db.execute(
+            """DELETE FROM messages WHERE conversation_id = ? AND id <= (
+                SELECT id FROM messages WHERE conversation_id = ?
+                ORDER BY id DESC LIMIT 1 OFFSET ?)""",
+            (conversation_id, conversation_id, self._max_messages),
+        )
+
+    def _evict(self, conversation_id: str) -> None:
+        """Drop the least recently written conversations over the cap, never the one
+        just written (ties in ``updated_at`` go to the older row)."""
+        self._db.execute(
+            """DELETE FROM conversations WHERE id IN (
+                SELECT id FROM conversations WHERE id != ?
+                ORDER BY updated_at, rowid
+                LIMIT max((SELECT COUNT(*) FROM conversations) - ?, 0))""",
+            (conversation_id, self._max_conversations),
+        )
+
+
+def _close_if_opened(opening: Future[_Database]) -> None:
+    """Close what an abandoned open() connected (queued behind it on its thread)."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 class SqliteStore:
@@ -156,28 +462,31 @@ class SqliteStore:
         self.path = path
         self._limits = limits
         self._clock = clock
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._thread: ThreadPoolExecutor | None = None
+        self._database: _Database | None = None
 
     async def open(self) -> None:
-        if self.path != MEMORY_PATH:
-            await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
-        # Autocommit mode: transactions are the explicit BEGIN in _transaction().
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatgate-sqlite")
+        opening = thread.submit(_Database.connect, self.path, self._limits)
         try:
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA foreign_keys=ON")
-            await db.execute("PRAGMA synchronous=NORMAL")
-            await self._migrate(db)
+            self._database = await asyncio.wrap_future(opening)
         except BaseException:
-            await db.close()
+            thread.submit(_close_if_opened, opening)
+            thread.shutdown(wait=False)
             raise
-        self._db = db
+        self._thread = thread
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            await db.close()
+        """Close the connection after the calls already queued, then end the thread."""
+        if self._thread is None or self._database is None:
+            return
+        thread, self._thread = self._thread, None
+        database, self._database = self._database, None
+        closing = thread.submit(database.close)
+        # The thread ends once the close has run, even if this await is cancelled.
+        thread.shutdown(wait=False)
+        await asyncio.shield(asyncio.wrap_future(closing))
+        await asyncio.to_thread(thread.shutdown, wait=True)
 
     async def append(
         self,
@@ -187,15 +496,7 @@ class SqliteStore:
         owner: str | None = None,
         agent: str = "general",
     ) -> None:
-        async with self._transaction() as db:
-            await self._open_conversation(db, conversation_id, owner, agent, title_of(messages))
-            await db.executemany(
-                """INSERT INTO messages (conversation_id, role, content, partial, created_at)
-                VALUES (?, ?, ?, ?, ?)""",
-                [(conversation_id, m.role, m.content, m.partial, m.created_at) for m in messages],
-            )
-            await self._trim(db, conversation_id)
-            await self._evict(db, conversation_id)
+        await self._write(_Database.append, conversation_id, messages, owner, agent, self._clock())
 
     async def begin_turn(
         self,
@@ -206,297 +507,75 @@ class SqliteStore:
         owner: str | None = None,
         agent: str = "general",
     ) -> None:
-        async with self._transaction() as db:
-            created = await self._open_conversation(
-                db, conversation_id, owner, agent, title_of([user])
-            )
-            user_message_id = await self._insert_message(db, conversation_id, user)
-            await db.execute(
-                """INSERT OR REPLACE INTO open_turns
-                (turn_id, conversation_id, user_message_id, answer_message_id, created_conversation)
-                VALUES (?, ?, ?, NULL, ?)""",
-                (turn_id, conversation_id, user_message_id, created),
-            )
-            await db.execute(
-                """DELETE FROM open_turns WHERE conversation_id = ? AND rowid NOT IN (
-                    SELECT rowid FROM open_turns WHERE conversation_id = ?
-                    ORDER BY rowid DESC LIMIT ?)""",
-                (conversation_id, conversation_id, MAX_OPEN_TURNS),
-            )
-            await self._trim(db, conversation_id)
-            await self._evict(db, conversation_id)
+        await self._write(
+            _Database.begin_turn, conversation_id, turn_id, user, owner, agent, self._clock()
+        )
 
     async def checkpoint(self, conversation_id: str, turn_id: str, text: str) -> None:
-        async with self._transaction() as db:
-            now = self._clock()
-            turn = await self._open_turn(db, conversation_id, turn_id, now)
-            if turn is not None:
-                answer = StoredMessage("assistant", text, partial=True, created_at=now)
-                await self._put_answer(db, conversation_id, turn_id, turn[1], answer)
-                await self._touch(db, conversation_id, now)
+        await self._write(_Database.checkpoint, conversation_id, turn_id, text, self._clock())
 
     async def end_turn(
         self, conversation_id: str, turn_id: str, answer: StoredMessage | None
     ) -> None:
-        async with self._transaction() as db:
-            now = self._clock()
-            turn = await self._open_turn(db, conversation_id, turn_id, now)
-            if turn is None:
-                return
-            user_message_id, answer_message_id, created = turn
-            if answer is not None:
-                await self._put_answer(db, conversation_id, turn_id, answer_message_id, answer)
-            await db.execute("DELETE FROM open_turns WHERE turn_id = ?", (turn_id,))
-            if answer is None:
-                await db.execute(
-                    "DELETE FROM messages WHERE id IN (?, ?)", (user_message_id, answer_message_id)
-                )
-                if created:
-                    await db.execute(
-                        """DELETE FROM conversations WHERE id = ? AND NOT EXISTS (
-                            SELECT 1 FROM messages WHERE conversation_id = ?)""",
-                        (conversation_id, conversation_id),
-                    )
-            await self._touch(db, conversation_id, now)
+        await self._write(_Database.end_turn, conversation_id, turn_id, answer, self._clock())
 
     async def interrupted(self, turn_id: str) -> str | None:
-        async with self._transaction() as db:
-            row = await _row(
-                db,
-                """SELECT t.conversation_id FROM open_turns t
-                JOIN conversations c ON c.id = t.conversation_id
-                WHERE t.turn_id = ? AND ? - c.updated_at <= ?""",
-                (turn_id, self._clock(), self._limits.ttl_s),
-            )
-        return None if row is None else str(row[0])
+        return await self._read(_Database.interrupted, turn_id, self._clock())
 
     async def window(self, conversation_id: str, max_messages: int) -> list[StoredMessage]:
         if max_messages <= 0:
             return []
-        async with self._transaction() as db:
-            if not await self._is_live(db, conversation_id):
-                return []
-            newest_first = await _rows(
-                db,
-                """SELECT role, content, partial, created_at FROM messages
-                WHERE conversation_id = ? ORDER BY id DESC LIMIT ?""",
-                (conversation_id, max_messages),
-            )
-        return [_message(row) for row in reversed(newest_first)]
+        return await self._read(_Database.window, conversation_id, max_messages, self._clock())
 
     async def get(self, conversation_id: str) -> Conversation | None:
-        async with self._transaction() as db:
-            info = await self._fetch_info(db, conversation_id)
-            if info is None:
-                return None
-            rows = await _rows(
-                db,
-                """SELECT role, content, partial, created_at FROM messages
-                WHERE conversation_id = ? ORDER BY id""",
-                (conversation_id,),
-            )
-        return Conversation(info=info, messages=[_message(row) for row in rows])
+        return await self._read(_Database.get, conversation_id, self._clock())
 
     async def info(self, conversation_id: str) -> ConversationInfo | None:
-        async with self._transaction() as db:
-            return await self._fetch_info(db, conversation_id)
+        return await self._read(_Database.info, conversation_id, self._clock())
 
     async def list(self, owner: str | None, *, limit: int = 100) -> list[ConversationInfo]:
         if limit <= 0:
             return []
-        async with self._transaction() as db:
-            rows = await _rows(
-                db,
-                f"""SELECT {_INFO_COLUMNS} FROM conversations c
-                WHERE c.owner IS ? AND ? - c.updated_at <= ?
-                ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?""",
-                (owner, self._clock(), self._limits.ttl_s, limit),
-            )
-        return [_info(row) for row in rows]
+        return await self._read(_Database.conversations_of, owner, limit, self._clock())
 
     async def clear(self, conversation_id: str) -> None:
-        async with self._transaction() as db:
-            if await self._is_live(db, conversation_id):
-                await db.execute(
-                    "DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)
-                )
-                await db.execute(
-                    "DELETE FROM open_turns WHERE conversation_id = ?", (conversation_id,)
-                )
-                await self._touch(db, conversation_id, self._clock())
+        await self._write(_Database.clear, conversation_id, self._clock())
 
     async def delete(self, conversation_id: str) -> bool:
-        async with self._transaction() as db:
-            existed = await self._is_live(db, conversation_id)
-            await db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-        return existed
+        return await self._write(_Database.delete, conversation_id, self._clock())
 
     async def purge_expired(self) -> int:
-        async with self._transaction() as db:
-            async with db.execute(
-                "DELETE FROM conversations WHERE ? - updated_at > ?",
-                (self._clock(), self._limits.ttl_s),
-            ) as cursor:
-                return cursor.rowcount
+        return await self._write(_Database.purge_expired, self._clock())
 
     async def ping(self) -> None:
-        async with self._transaction() as db:
-            await db.execute("SELECT 1")
+        await self._read(_Database.ping)
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        if self._db is None:
+    async def _write(
+        self, work: Callable[Concatenate[_Database, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await self._on_thread("BEGIN IMMEDIATE", work, *args, **kwargs)
+
+    async def _read(
+        self, work: Callable[Concatenate[_Database, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        return await self._on_thread("BEGIN", work, *args, **kwargs)
+
+    async def _on_thread(
+        self,
+        begin: str,
+        work: Callable[Concatenate[_Database, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``work`` in one transaction on the store's thread: the call's only hop."""
+        database = self._database
+        if self._thread is None or database is None:
             raise RuntimeError("SqliteStore used before open() or after close()")
-        async with self._lock, _transaction(self._db, "BEGIN") as db:
-            yield db
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
-        """Apply the pending migrations, one transaction each. The version is read
-        under the write lock, so two processes opening a new file cannot both apply
-        the same step."""
-        while True:
-            async with _transaction(db, "BEGIN IMMEDIATE"):
-                version = int((await _row(db, "PRAGMA user_version", ()))[0])
-                if version > len(MIGRATIONS):
-                    raise RuntimeError(
-                        f"{self.path} has schema version {version}, newer than this "
-                        f"chatgate ({len(MIGRATIONS)})"
-                    )
-                if version == len(MIGRATIONS):
-                    return
-                await MIGRATIONS[version](db)
-                await db.execute(f"PRAGMA user_version = {version + 1}")
+        def run() -> T:
+            return database.transaction(begin, work, *args, **kwargs)
 
-    async def _is_live(self, db: aiosqlite.Connection, conversation_id: str) -> bool:
-        row = await _row(
-            db,
-            "SELECT 1 FROM conversations WHERE id = ? AND ? - updated_at <= ?",
-            (conversation_id, self._clock(), self._limits.ttl_s),
-        )
-        return row is not None
-
-    async def _fetch_info(
-        self, db: aiosqlite.Connection, conversation_id: str
-    ) -> ConversationInfo | None:
-        row = await _row(
-            db,
-            f"""SELECT {_INFO_COLUMNS} FROM conversations c
-            WHERE c.id = ? AND ? - c.updated_at <= ?""",
-            (conversation_id, self._clock(), self._limits.ttl_s),
-        )
-        return None if row is None else _info(row)
-
-    async def _open_conversation(
-        self,
-        db: aiosqlite.Connection,
-        conversation_id: str,
-        owner: str | None,
-        agent: str,
-        title: str,
-    ) -> bool:
-        """Create the conversation when missing or expired (then return True), else
-        touch it and give it ``title`` if it has none."""
-        now = self._clock()
-        await self._drop_if_expired(db, conversation_id, now)
-        existed = await _row(db, "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,))
-        await db.execute(
-            """INSERT INTO conversations (id, owner, agent, title, created_at, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?)
-            ON CONFLICT (id) DO UPDATE SET
-                updated_at = excluded.updated_at,
-                title = CASE WHEN title = '' THEN excluded.title ELSE title END""",
-            (conversation_id, owner, agent, title, now, now),
-        )
-        return existed is None
-
-    async def _touch(self, db: aiosqlite.Connection, conversation_id: str, now: float) -> None:
-        await db.execute(
-            "UPDATE conversations SET updated_at = ? WHERE id = ?", (now, conversation_id)
-        )
-
-    async def _insert_message(
-        self, db: aiosqlite.Connection, conversation_id: str, message: StoredMessage
-    ) -> int:
-        async with db.execute(
-            """INSERT INTO messages (conversation_id, role, content, partial, created_at)
-            VALUES (?, ?, ?, ?, ?)""",
-            (conversation_id, message.role, message.content, message.partial, message.created_at),
-        ) as cursor:
-            return int(cast(int, cursor.lastrowid))
-
-    async def _open_turn(
-        self, db: aiosqlite.Connection, conversation_id: str, turn_id: str, now: float
-    ) -> tuple[int, int | None, bool] | None:
-        """The turn's user message id, answer message id and whether it created the
-        conversation, when it is open in this conversation and the conversation lives."""
-        row = await _row(
-            db,
-            """SELECT t.user_message_id, t.answer_message_id, t.created_conversation
-            FROM open_turns t JOIN conversations c ON c.id = t.conversation_id
-            WHERE t.turn_id = ? AND t.conversation_id = ? AND ? - c.updated_at <= ?""",
-            (turn_id, conversation_id, now, self._limits.ttl_s),
-        )
-        return None if row is None else (row[0], row[1], bool(row[2]))
-
-    async def _put_answer(
-        self,
-        db: aiosqlite.Connection,
-        conversation_id: str,
-        turn_id: str,
-        answer_message_id: int | None,
-        answer: StoredMessage,
-    ) -> None:
-        """Rewrite the turn's answer where it is, or append it when it has none (or
-        it was trimmed away)."""
-        if answer_message_id is not None:
-            async with db.execute(
-                """UPDATE messages SET role = ?, content = ?, partial = ?, created_at = ?
-                WHERE id = ?""",
-                (answer.role, answer.content, answer.partial, answer.created_at, answer_message_id),
-            ) as cursor:
-                if cursor.rowcount > 0:
-                    return
-        answer_message_id = await self._insert_message(db, conversation_id, answer)
-        await db.execute(
-            "UPDATE open_turns SET answer_message_id = ? WHERE turn_id = ?",
-            (answer_message_id, turn_id),
-        )
-        await self._trim(db, conversation_id)
-
-    async def _drop_if_expired(
-        self, db: aiosqlite.Connection, conversation_id: str, now: float
-    ) -> None:
-        """An expired conversation is gone: writing to its id starts a new one."""
-        await db.execute(
-            "DELETE FROM conversations WHERE id = ? AND ? - updated_at > ?",
-            (conversation_id, now, self._limits.ttl_s),
-        )
-
-    async def _trim(self, db: aiosqlite.Connection, conversation_id: str) -> None:
-        row = await _row(
-            db,
-            """SELECT id FROM messages WHERE conversation_id = ?
-            ORDER BY id DESC LIMIT 1 OFFSET ?""",
-            (conversation_id, max(self._limits.max_messages, 0)),
-        )
-        if row is not None:
-            await db.execute(
-                "DELETE FROM messages WHERE conversation_id = ? AND id <= ?",
-                (conversation_id, row[0]),
-            )
-
-    async def _evict(self, db: aiosqlite.Connection, conversation_id: str) -> None:
-        """Drop the least recently written conversations over the cap, never the one
-        just written (ties in ``updated_at`` go to the older row)."""
-        (count,) = await _row(db, "SELECT COUNT(*) FROM conversations", ())
-        excess = count - self._limits.max_conversations
-        if excess > 0:
-            await db.execute(
-                """DELETE FROM conversations WHERE id IN (
-                    SELECT id FROM conversations WHERE id != ?
-                    ORDER BY updated_at, rowid LIMIT ?)""",
-                (conversation_id, excess),
-            )
+        return await asyncio.wrap_future(self._thread.submit(run))
 
 
 @register_store("sqlite")
