@@ -16,13 +16,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate import __version__
 from chatgate.api import http, ollama_compat, openai_compat, ws
-from chatgate.api.auth import Authentication
+from chatgate.api.auth import Access, Authentication
+from chatgate.api.browsers import AllowedHosts, JsonBodiesOnly, boundary_of
 from chatgate.api.errors import error_response, handle_chat_error, shape_of
 from chatgate.api.limits import BodySizeLimit, SizeLimits
 from chatgate.chat.agents import load_agents
 from chatgate.chat.events import ChatError
 from chatgate.config import Settings
 from chatgate.gateway import close_gateway, open_gateway, purge_forever, shutting_down
+from chatgate.guard import guarded_server
 
 log = logging.getLogger("chatgate")
 #: A served gateway makes and drops many short-lived objects per token; collecting the
@@ -42,6 +44,12 @@ SERVER_OPTIONS: dict[str, Any] = {
     "access_log": False,
     "log_config": None,
 }
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """:data:`SERVER_OPTIONS` with ``settings``' connection limits: the same two protocols,
+    guarded (:mod:`chatgate.guard`), the keep-alive timeout and the WebSocket frame size."""
+    return {**SERVER_OPTIONS, **guarded_server(settings)}
 
 
 def tune_gc() -> None:
@@ -84,18 +92,17 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
         # configured (~2 % of a busy gateway's time); chatgate reports through its own metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    if settings.cors_origin_list:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origin_list,
-            allow_methods=["*"],
-            allow_headers=["*"],
-            expose_headers=["X-Conversation-Id"],
-        )
     app.add_middleware(BodySizeLimit, limits=SizeLimits.of(settings))
     app.add_middleware(ws.WebSocketRoutes)
-    app.add_middleware(Authentication, keys=settings.api_key_set())
+    app.state.access = Access.of(settings)  # also read by POST /auth/ticket
+    app.add_middleware(Authentication, access=app.state.access)
     app.add_middleware(RefuseWhileDraining)
+    # Outermost, in this order: the Host check, CORS (preflights answered before auth;
+    # refusals carry CORS headers), then the JSON-body check (chatgate.api.browsers).
+    boundary = boundary_of(settings)
+    app.add_middleware(JsonBodiesOnly)
+    app.add_middleware(CORSMiddleware, **boundary.cors_options())
+    app.add_middleware(AllowedHosts, boundary=boundary)
     app.add_exception_handler(ChatError, handle_chat_error)
     app.include_router(http.router)
     app.include_router(openai_compat.router)

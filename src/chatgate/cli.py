@@ -1,10 +1,11 @@
-"""Command line: ``chatgate serve | chat | fake-llm``."""
+"""Command line: ``chatgate serve | chat | hash-key | fake-llm``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import secrets
 import sys
 from collections.abc import Sequence
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from chatgate.app import SERVER_OPTIONS
+    from chatgate.app import server_options
     from chatgate.chat.agents import AgentFileError, load_agents
     from chatgate.cluster import is_redis
     from chatgate.config import ConfigError, load_settings
@@ -37,6 +38,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(settings.log_level)
+    from chatgate.api.auth import workers_need_a_secret
+
+    if settings.workers > 1 and workers_need_a_secret(settings):
+        # Each worker must accept the tickets and identity cookies the others signed.
+        os.environ["CHATGATE_SECRET"] = secrets.token_urlsafe(32)
     if settings.workers > 1 and not is_redis(settings.store_url):
         logging.getLogger("chatgate").warning(
             f"{settings.workers} workers share conversations through the store, but an answer can be "
@@ -51,8 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        **SERVER_OPTIONS,
-        log_level=settings.log_level,
+        **server_options(settings),
+        log_level=None,  # setup_logging sets uvicorn's loggers' levels
         timeout_graceful_shutdown=5,
         backlog=4096,  # thousands of sockets may arrive at once; the kernel caps it at somaxconn
     )
@@ -63,6 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
         where = f"[{settings.host}]" if ":" in settings.host else settings.host
         print(f"chatgate: cannot listen on {where}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    from chatgate.api.browsers import log_exposure
+
+    log_exposure(settings)  # the Host names served; a warning when exposed without keys
     return run(config, sock)
 
 
@@ -70,6 +79,21 @@ def _fake_llm(args: argparse.Namespace) -> int:
     from chatgate.testing.fake_llm import FakeSettings, run_fake_llm
 
     run_fake_llm(args.host, args.port, FakeSettings(tokens=args.tokens, tps=args.tps, ttft_ms=args.ttft_ms))
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    """Print the ``sha256:`` line a keys file may hold instead of the key, read from stdin
+    (not the command line, which shell history and ``ps`` keep)."""
+    import getpass
+
+    from chatgate.api.auth import hashed_key
+
+    key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+    if not key.strip():
+        print("chatgate hash-key: no key given on stdin", file=sys.stderr)
+        return 2
+    print(hashed_key(key.strip()))
     return 0
 
 
@@ -102,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", default=os.environ.get("CHATGATE_API_KEY"))
     chat.add_argument("message", nargs="*")
     chat.set_defaults(run=_chat)
+
+    hash_key = commands.add_parser(
+        "hash-key", help="print the sha256: line for a CHATGATE_API_KEYS file, given the key on stdin"
+    )
+    hash_key.set_defaults(run=_hash_key)
 
     fake = commands.add_parser("fake-llm", help="deterministic Ollama/OpenAI/Gemini-compatible upstream")
     fake.add_argument("--host", default="127.0.0.1")

@@ -107,7 +107,14 @@ class Settings(EnvironmentSettings):
         5.0, gt=0, validation_alias=_env("CHATGATE_CONNECT_TIMEOUT_S", "CONNECT_TIMEOUT")
     )
     cors_origins: str = Field("", validation_alias=_env("CHATGATE_CORS_ORIGINS", "CORS_ORIGINS"))
+    #: Host header names served besides the loopback names and the address served on
+    #: (:mod:`chatgate.api.browsers`): the DNS-rebinding guard.
+    allowed_hosts: str = Field("", validation_alias=_env("CHATGATE_ALLOWED_HOSTS"))
     api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("CHATGATE_API_KEYS"))
+    #: Signs WebSocket tickets and browsers' anonymous identity cookies (chatgate.api.auth).
+    secret: SecretStr = Field(SecretStr(""), validation_alias=_env("CHATGATE_SECRET"))
+    #: Paths that answer without a key when keys are on, besides those always open.
+    public_paths: str = Field("", validation_alias=_env("CHATGATE_PUBLIC_PATHS"))
     rate_limit: str = Field("", validation_alias=_env("CHATGATE_RATE_LIMIT"))
     max_streams_per_client: int = Field(0, ge=0, validation_alias=_env("CHATGATE_MAX_STREAMS_PER_CLIENT"))
     max_connections: int = Field(10_000, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS"))
@@ -115,12 +122,29 @@ class Settings(EnvironmentSettings):
     checkpoint_s: float = Field(1.0, gt=0, validation_alias=_env("CHATGATE_CHECKPOINT_S"))
     #: On SIGTERM, how long running answers may go on before they are cut (0: at once).
     drain_s: float = Field(30.0, ge=0, validation_alias=_env("CHATGATE_DRAIN_S"))
+    #: Connection limits held by the server's protocols (chatgate.guard), before auth.
+    max_header_bytes: int = Field(65_536, ge=1024, validation_alias=_env("CHATGATE_MAX_HEADER_BYTES"))
+    max_headers: int = Field(100, ge=1, validation_alias=_env("CHATGATE_MAX_HEADERS"))
+    header_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("CHATGATE_HEADER_TIMEOUT_S"))
+    body_timeout_s: float = Field(30.0, gt=0, validation_alias=_env("CHATGATE_BODY_TIMEOUT_S"))
+    keepalive_timeout_s: float = Field(5.0, gt=0, validation_alias=_env("CHATGATE_KEEPALIVE_TIMEOUT_S"))
+    max_connections_per_address: int = Field(
+        256, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS_PER_ADDRESS")
+    )
+    send_buffer_bytes: int = Field(131_072, ge=0, validation_alias=_env("CHATGATE_SEND_BUFFER_BYTES"))
     agents_dir: Path | None = Field(None, validation_alias=_env("CHATGATE_AGENTS_DIR"))
     temperature: float | None = Field(
         None, ge=0, le=2, validation_alias=_env("CHATGATE_TEMPERATURE", "TEMPERATURE")
     )
     num_ctx: int | None = Field(None, ge=1, validation_alias=_env("CHATGATE_NUM_CTX", "CTX_TOKENS"))
     max_tokens: int | None = Field(None, ge=1, validation_alias=_env("CHATGATE_MAX_TOKENS", "MAX_TOKENS"))
+    #: Every answer ends (``length``) at this many tokens / after this many seconds; 0: no cap.
+    max_answer_tokens: int = Field(0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_TOKENS"))
+    max_answer_s: float = Field(600.0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_S"))
+    #: The upstream's circuit breaker: opens after this many failed turns in a row (0: never),
+    #: for this long before one probe turn is let through.
+    breaker_failures: int = Field(5, ge=0, validation_alias=_env("CHATGATE_BREAKER_FAILURES"))
+    breaker_cooldown_s: float = Field(30.0, gt=0, validation_alias=_env("CHATGATE_BREAKER_COOLDOWN_S"))
     debug: bool = Field(False, validation_alias=_env("CHATGATE_DEBUG", "OLLAMA_DEBUG"))
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", validation_alias=_env("CHATGATE_LOG_LEVEL")
@@ -136,6 +160,31 @@ class Settings(EnvironmentSettings):
     def _check_rate(cls, value: str) -> str:
         if value and _parse_rate(value) is None:
             raise ValueError("expected COUNT/UNIT, e.g. 30/minute")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: str) -> str:
+        for entry in _host_entries(value):
+            if not _HOST_ENTRY.fullmatch(entry):
+                raise ValueError(
+                    f"{entry!r} is not a host name or address: list names without scheme or port, "
+                    "e.g. chat.example.com, .example.com (and its subdomains), 192.168.1.5, or *"
+                )
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return value
+
+    @field_validator("public_paths")
+    @classmethod
+    def _check_paths(cls, value: str) -> str:
+        if any(not path.startswith("/") for path in _comma_list(value)):
+            raise ValueError("expected a comma list of paths, each starting with /")
         return value
 
     @model_validator(mode="after")
@@ -160,8 +209,12 @@ class Settings(EnvironmentSettings):
 
     @property
     def generation_options(self) -> GenerationOptions:
+        """The default options, ``max_tokens`` no higher than the answer cap."""
+        max_tokens = self.max_tokens
+        if self.max_answer_tokens and max_tokens is not None:
+            max_tokens = min(max_tokens, self.max_answer_tokens)
         return GenerationOptions(
-            temperature=self.temperature, max_tokens=self.max_tokens, num_ctx=self.num_ctx
+            temperature=self.temperature, max_tokens=max_tokens, num_ctx=self.num_ctx
         )
 
     @property
@@ -171,6 +224,15 @@ class Settings(EnvironmentSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def public_path_set(self) -> frozenset[str]:
+        return frozenset(_comma_list(self.public_paths))
+
+    @property
+    def allowed_host_list(self) -> list[str]:
+        """Lower case, IPv6 addresses without brackets, no trailing dot."""
+        return _host_entries(self.allowed_hosts)
 
     @property
     def store_url(self) -> str:
@@ -186,6 +248,23 @@ class Settings(EnvironmentSettings):
         if raw.startswith("@"):
             raw = Path(raw[1:]).read_text(encoding="utf-8")
         return frozenset(k.strip() for k in re.split(r"[,\s]+", raw) if k.strip())
+
+
+#: ``*``, a name (``.name`` or ``*.name``: with its subdomains), or an IP address.
+_HOST_ENTRY = re.compile(r"\*|(\*?\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*|[0-9a-f:.]*:[0-9a-f:.%a-z]*")
+
+
+def _host_entries(value: str) -> list[str]:
+    entries = (e.strip().lower() for e in value.split(","))
+    return [e.removeprefix("[").removesuffix("]").removesuffix(".") for e in entries if e.strip()]
+
+
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+#: A keys file may hold a key's SHA-256 digest instead of the key (``chatgate hash-key``).
+_HASHED_KEY = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 
 def _parse_rate(value: str) -> tuple[int, float] | None:
@@ -241,8 +320,9 @@ def load_settings(**overrides: Any) -> Settings:
     own = {k: v for k, v in given.items() if k in Settings.model_fields}
     try:
         settings = Settings(**own)
-        if settings.api_keys.get_secret_value().startswith("@"):
-            settings.api_key_set()
+        if any(k.startswith("sha256:") and not _HASHED_KEY.fullmatch(k) for k in settings.api_key_set()):
+            raise ConfigError("CHATGATE_API_KEYS: a sha256: entry must be 64 hex digits, "
+                              "as `chatgate hash-key` prints them")
     except ValidationError as exc:
         raise config_error(exc, Settings) from None
     except OSError as exc:

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from chatgate import cluster
 from chatgate.chat.agents import AgentRegistry
+from chatgate.chat.breaker import CircuitBreaker
 from chatgate.chat.events import ChatError
 from chatgate.chat.generation import Generation
 from chatgate.chat.limits import LocalLimits, RateLimiter
@@ -112,7 +113,11 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         ),
         observers=[metrics],
         shared=shared,
+        max_answer_tokens=settings.max_answer_tokens,
+        max_answer_s=settings.max_answer_s,
+        breaker=CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown_s),
     )
+    metrics.watch_breaker(lambda: service.breaker.state)
     if shared is not None:
         await shared.start(service)
     return Gateway(

@@ -207,14 +207,15 @@ def test_bad_requests_are_400_with_an_error_string(
     assert fake.requests() == []
 
 
-def test_curl_style_bodies_without_json_content_type_are_read(gw: RunningGateway) -> None:
+def test_bodies_not_sent_as_json_are_refused(gw: RunningGateway, fake: FakeLLM) -> None:
+    """What ``curl -d`` sends without ``-H 'Content-Type: application/json'`` is also what a
+    page of another site may send without asking: refused before any upstream request."""
     body = orjson.dumps({"model": "fake-model", "prompt": "hi", "stream": False})
     response = httpx.post(
-        gw.url + "/api/generate",
-        content=body,
-        headers={"content-type": "application/x-www-form-urlencoded"},
+        gw.url + "/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"}
     )
-    assert response.status_code == 200 and response.json()["response"] == fake_reply(40)
+    assert response.status_code == 415 and "application/json" in response.json()["error"]
+    assert fake.requests() == []
 
 
 async def test_empty_messages_load_the_model(client: ollama.AsyncClient, fake: FakeLLM) -> None:

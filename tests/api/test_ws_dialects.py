@@ -17,6 +17,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from chatgate.api.limits import SizeLimits
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM, RunningGateway, wait_until
 
@@ -92,7 +93,9 @@ async def test_bad_frames_get_the_dialects_error_and_the_socket_stays_open(
     gw: RunningGateway, client: Client
 ) -> None:
     async with connect(gw.ws_url + client.path) as ws:
-        too_long, too_large = client.ask("x" * 20_000), client.ask("x" * 20_000 * 64)
+        # The largest frame the server reads at all; a larger one closes the socket (1009).
+        largest = SizeLimits.of(gw.settings).history_bytes - 1024
+        too_long, too_large = client.ask("x" * 20_000), client.ask("x" * largest)
         for bad in (client.bad_frame, "not json", "[1, 2]", *(orjson.dumps(f).decode() for f in (too_long, too_large))):
             await ws.send(bad)
             frames = await reply(ws, client)

@@ -10,6 +10,11 @@ memory for that conversation.
 Errors are raised as :class:`ChatError` (the native codes) and rendered in each API's own
 shape by :mod:`chatgate.api.errors`, so FastAPI's 422 validation answers never reach these
 clients.
+
+A client's ``system`` messages go upstream as sent with a plain model name, where no
+agent prompt is added. With ``agent:<name>`` the agent's prompt comes first, and a client
+system message is refused (400, ``param`` naming it) unless the agent allows them
+(:func:`chatgate.chat.agents.refused_system_message`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from chatgate.api.errors import RequestError
 from chatgate.api.limits import SizeLimits
 from chatgate.api.responses import Codec, GenerationResponse, first_outcome, run_to_end
+from chatgate.chat.agents import client_system_refusal, refused_system_message
 from chatgate.chat.events import ChatError, DoneEvent, Event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import CONVERSATION_ID, Turn
@@ -50,7 +56,7 @@ def gateway_of(request: Request) -> Gateway:
 
 
 def read_json_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, whatever its Content-Type (``curl -d`` sends a form's)."""
+    """The body as a JSON object (its Content-Type was checked by ``api.browsers.JsonBodiesOnly``)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -156,18 +162,26 @@ def make_turn(
 
     With a conversation id the server remembers: its stored window is the history,
     unless the client sent a conversation of its own (more than one non-system message).
+    With ``agent:<name>`` a system message the agent does not allow is refused, whether or
+    not it would have been sent.
     """
     if not messages or messages[-1]["role"] != "user":
         raise RequestError("the last message must be a user message", param="messages")
     message = messages[-1]["content"]
-    limit = SizeLimits.of(gateway_of(request).settings).message_bytes
+    gateway = gateway_of(request)
+    limit = SizeLimits.of(gateway.settings).message_bytes
     if len(message.encode()) > limit:
         raise ChatError("too_large", f"the last message is larger than {limit} bytes")
+    agent = agent_of(model)
+    if agent is not None:
+        chosen = gateway.agents.get(agent)
+        refused = refused_system_message(chosen, messages)
+        if refused is not None:
+            raise RequestError(client_system_refusal(chosen), param=f"messages.{refused}.role")
     history: list[Message] | None = messages[:-1]
     remember = conversation_id is not None
     if remember and sum(m["role"] != "system" for m in messages) <= 1:
         history = None
-    agent = agent_of(model)
     return Turn(
         message=message,
         conversation_id=conversation_id,

@@ -12,8 +12,10 @@ The :class:`Outbox` hands each ASGI message to the server at once while the clie
 up. A message that cannot be written at once (the client reads slowly) waits in order,
 drained by one task; meanwhile the follower holds back, so the tokens pile up in the
 generation's log as fewer, larger deltas rather than as buffered frames. A client that
-takes no message for ``SEND_TIMEOUT_S`` is given up (``on_stuck``): the same rule for
-WebSockets and HTTP streams.
+takes no message for ``SEND_TIMEOUT_S``, or has more than ``MAX_QUEUED_BYTES`` waiting
+(replies to a client that keeps sending but never reads), is given up (``on_stuck``): the
+same rule for WebSockets and HTTP streams. The server holds the same timeout on the socket
+itself (:mod:`chatgate.guard`): a connection whose buffers stay full that long is reset.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ log = logging.getLogger("chatgate.delivery")
 
 #: A client that accepts nothing for this long is given up, not buffered for.
 SEND_TIMEOUT_S = 10.0
+#: What may wait for a slow client besides the socket's buffers (the tokens of the answers
+#: it follows wait in their logs instead).
+MAX_QUEUED_BYTES = 1 << 20
+_MESSAGE_BYTES = 256
 #: Writes one event of ``generation`` to the client, encoded in its protocol.
 Deliver = Callable[[Event, Generation], None]
 
@@ -52,6 +58,7 @@ class Outbox:
         self._on_drained = on_drained
         self._on_stuck = on_stuck
         self._queue: deque[Message] = deque()
+        self._queued_bytes = 0
         self._drainer: asyncio.Task[None] | None = None
         self.broken = False
 
@@ -70,7 +77,11 @@ class Outbox:
         if self.broken:
             return
         if self._drainer is not None:
-            self._queue.append(message)
+            self._queued_bytes += _size(message)
+            if self._queued_bytes > MAX_QUEUED_BYTES:
+                self._give_up()
+            else:
+                self._queue.append(message)
             return
         sending = self._send(message)
         rest: Awaitable[None] = sending
@@ -90,13 +101,12 @@ class Outbox:
             async with asyncio.timeout(SEND_TIMEOUT_S):
                 await first
             while self._queue and not self.broken:
+                message = self._queue.popleft()
+                self._queued_bytes -= _size(message)
                 async with asyncio.timeout(SEND_TIMEOUT_S):
-                    await self._send(self._queue.popleft())
+                    await self._send(message)
         except TimeoutError:
-            self.broken = True
-            self._queue.clear()
-            if self._on_stuck is not None:
-                self._on_stuck()
+            self._give_up()
             return
         except OSError:
             self.broken = True
@@ -104,8 +114,17 @@ class Outbox:
             return
         finally:
             self._drainer = None
-        if self._on_drained is not None:
+        if self._on_drained is not None and not self.broken:
             self._on_drained()
+
+    def _give_up(self) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._on_stuck is not None:
+            self._on_stuck()
 
     def close(self) -> None:
         self.broken = True
@@ -228,6 +247,12 @@ class Follower:
                 if event["type"] in ("done", "error"):
                     generation.unsubscribe(self._grown)
                     self._following.pop(generation, None)
+
+
+def _size(message: Message) -> int:
+    """About the memory ``message`` takes: its payload (a text frame's characters, for
+    speed) and the message itself, a dict and a string of a few hundred bytes."""
+    return _MESSAGE_BYTES + len(message.get("body") or message.get("text") or message.get("bytes") or b"")
 
 
 def _deliver_nothing(event: Event, generation: Generation) -> None:

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool
 
-from chatgate.api.auth import caller
+from chatgate.api.auth import authenticated, caller, ticket_for
 from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, error_response
 from chatgate.api.responses import GenerationResponse, first_outcome, run_to_end
 from chatgate.chat.events import ChatError, ErrorEvent, Event
@@ -142,6 +142,7 @@ async def _health(request: Request) -> tuple[bool, dict[str, Any]]:
     )
     provider["name"] = gateway.provider.name
     provider["model"] = gateway.provider.default_model
+    provider["breaker"] = gateway.service.breaker.state
     healthy = provider["status"] == "ok" and store["status"] == "ok"
     status = "ok" if healthy else "degraded"
     if gateway.draining:  # shutting down: a load balancer should send nothing new here
@@ -166,8 +167,21 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
+    """Open to orchestrators when keys are on; then only the statuses, no details."""
     healthy, body = await _health(request)
+    if not authenticated(request):
+        body = {
+            "status": body["status"],
+            "checks": {name: {"status": check["status"]} for name, check in body["checks"].items()},
+        }
     return ORJSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.post("/auth/ticket", responses=ERRORS)
+async def ticket(request: Request) -> Response:
+    """A single-use ticket, valid for ``expires_in`` seconds, for a browser's WebSocket
+    (``?ticket=``), which cannot send the key in a header (:mod:`chatgate.api.tickets`)."""
+    return ORJSONResponse(ticket_for(request), headers={"Cache-Control": "no-store"})
 
 
 @router.get("/agents")

@@ -35,13 +35,13 @@ import re
 import uuid
 from collections import deque
 from typing import TYPE_CHECKING, assert_never
-from urllib.parse import urlparse
 
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatgate.api.auth import caller, refusal
+from chatgate.api.browsers import BrowserBoundary, boundary_of
 from chatgate.api.delivery import Follower, Outbox
 from chatgate.api.dialects import Dialect, DialectFactory, Peer, dialect_named, first_frame
 from chatgate.api.dialects.base import (
@@ -77,12 +77,11 @@ PATH_DIALECTS: dict[str, DialectFactory] = {
 }
 
 
-def origin_allowed(websocket: WebSocket, allowed: list[str]) -> bool:
-    """Browsers send Origin; only the same origin or a configured one may connect."""
+def origin_allowed(websocket: WebSocket, boundary: BrowserBoundary) -> bool:
+    """Browsers send Origin: the page's own, a page of a served host (any port) or a
+    configured origin may connect (:mod:`chatgate.api.browsers`). Programs send none."""
     origin = websocket.headers.get("origin")
-    if not origin or "*" in allowed or origin in allowed:
-        return True
-    return urlparse(origin).netloc == websocket.headers.get("host", "")
+    return origin is None or boundary.allows_origin(origin, websocket.headers.get("host", ""))
 
 
 class Connection:
@@ -289,7 +288,7 @@ def _request_id(command: Command | None) -> str | None:
 
 
 async def serve_socket(websocket: WebSocket, gateway: Gateway, default: DialectFactory) -> None:
-    if not origin_allowed(websocket, gateway.settings.cors_origin_list):
+    if not origin_allowed(websocket, boundary_of(gateway.settings)):
         await websocket.close(code=1008, reason="origin not allowed")
         return
     instance = gateway.instance

@@ -17,14 +17,15 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from chatgate.chat.agents import Agent, AgentRegistry
+from chatgate.chat.agents import Agent, AgentRegistry, check_client_system
+from chatgate.chat.breaker import CircuitBreaker, Trial
 from chatgate.chat.events import ChatError, DoneEvent, ErrorEvent, error_event, provider_error_code
 from chatgate.chat.generation import Generation
 from chatgate.chat.lifecycle import GenerationObserver, Observers
 from chatgate.chat.limits import ClientLimits, LocalLimits
 from chatgate.chat.record import TurnRecord, turn_id
 from chatgate.chat.sharing import SharedGenerations
-from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest
+from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest, ProviderTimeout
 from chatgate.store.base import (
     Conversation,
     ConversationInfo,
@@ -42,6 +43,8 @@ CONVERSATION_ID_RULE = "conversation_id must be 1 to 128 of the characters A-Z a
 #: The namespace of generation ids the server made for anonymous callers: unguessable
 #: uuids, findable from any connection (a reconnecting page resumes by them).
 ANONYMOUS = "~"
+#: Owners of anonymous browsers' own identities start with this (``api/auth.py``).
+ANONYMOUS_IDENTITY = "anon-"
 
 
 def conversation_key(owner: str | None, conversation_id: str) -> str:
@@ -118,6 +121,9 @@ class ChatService:
         wall_clock: Callable[[], float] = time.time,
         observers: Sequence[GenerationObserver] = (),
         shared: SharedGenerations | None = None,
+        max_answer_tokens: int = 0,
+        max_answer_s: float = 0.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.provider = provider
         self.store = store
@@ -129,6 +135,11 @@ class ChatService:
         self.checkpoint_s = checkpoint_s
         self.retry = retry or RetryPolicy()
         self.keep_finished_s = keep_finished_s
+        #: Every answer ends (``length``) at this many tokens, and after this many seconds (0: no cap).
+        self.max_answer_tokens = max_answer_tokens
+        self.max_answer_s = max_answer_s
+        #: Refuses new turns while the upstream is failing; off (never opens) by default.
+        self.breaker = breaker or CircuitBreaker(0, 0.0)
         self._clock = clock
         self._wall_clock = wall_clock
         self._limits: ClientLimits = limits or LocalLimits()
@@ -257,7 +268,9 @@ class ChatService:
         refused as ``busy``, or with ``wait`` waits for it to end (the seed dialects,
         whose clients sent their next message whenever they liked)."""
         agent = self.agents.get(turn.agent)
-        limit_key = turn.owner or turn.client or "anonymous"
+        if turn.apply_agent_prompt and turn.history:
+            check_client_system(agent, turn.history)
+        limit_key = _limit_key(turn)
         await self._limits.admit(limit_key)
         conversation_id = turn.conversation_id or uuid.uuid4().hex
         if not CONVERSATION_ID.fullmatch(conversation_id):
@@ -278,7 +291,7 @@ class ChatService:
                 break
         self._refuse_running_id(namespace, generation_id)
         model = turn.model or agent.model or self.provider.default_model
-        options = agent.options.merged(turn.options)
+        options = self._capped(agent.options.merged(turn.options))
         request = ProviderRequest(
             build_messages(agent if turn.apply_agent_prompt else None, history, turn.message), model, options
         )
@@ -295,6 +308,7 @@ class ChatService:
         try:  # that may have asked another server: a turn may have begun meanwhile
             self._refuse_running_id(namespace, generation_id)
             await self._wait_for_conversation(key, wait=False)
+            trial = self.breaker.admit()  # last: a turn refused after it would hold the probe
         except ChatError:
             self._limits.close_stream(limit_key)
             raise
@@ -303,12 +317,20 @@ class ChatService:
         self._generations[(namespace, generation_id)] = generation
         self._by_conversation[key] = generation
         generation.task = asyncio.create_task(
-            self._run(generation, request, turn, remember), name=f"generation-{generation.id}"
+            self._run(generation, request, turn, remember, trial), name=f"generation-{generation.id}"
         )
         self._observers.started(generation)
         if self._shared is not None:
             self._shared.publish(generation)
         return generation
+
+    def _capped(self, options: GenerationOptions) -> GenerationOptions:
+        """A ``max_tokens`` over the answer cap is sent upstream as the cap. None stays
+        unset: the upstream's own default applies, and the count in :meth:`_run` stops it."""
+        cap = self.max_answer_tokens
+        if cap and options.max_tokens is not None and options.max_tokens > cap:
+            return dataclasses.replace(options, max_tokens=cap)
+        return options
 
     async def _wait_for_conversation(self, key: str, *, wait: bool) -> None:
         while (running := self._by_conversation.get(key)) is not None:
@@ -394,12 +416,18 @@ class ChatService:
 
     # One generation --------------------------------------------------------------------
 
-    async def _run(self, generation: Generation, request: ProviderRequest, turn: Turn, remember: bool) -> None:
+    async def _run(
+        self, generation: Generation, request: ProviderRequest, turn: Turn, remember: bool, trial: Trial
+    ) -> None:
         """Stream the answer, store the turn, and only then log ``done`` or ``error``: a
         client that has seen the end may send its next turn at once, and that turn finds
-        the conversation free and this one in its history."""
+        the conversation free and this one in its history.
+
+        The answer caps end it with ``length`` and close the upstream request: the token
+        cap by one compare per token, the time cap by a timer on the loop."""
         generation.running = True
         if generation.cancel_requested:  # cancelled before this task took a step
+            trial.abandoned()
             self._release(generation)
             stopped = _shutting_down(generation) if generation.stopping else _cancelled_at_once(generation)
             self._conclude(generation, stopped, None)
@@ -417,21 +445,42 @@ class ChatService:
         end: ErrorEvent
         observers = self._observers
         wants_tokens = observers.wants_tokens  # decided once: no per-token cost without them
+        token_cap = self.max_answer_tokens  # 0 never equals a count, which starts at 1
+        cut: str | None = None  # which cap ended the answer
+        deadline = asyncio.timeout(self.max_answer_s or None)
+        chunks = self._stream_with_fallback(generation, request, trial.probe)
         try:
-            async for chunk in self._stream_with_fallback(generation, request):
-                if chunk.text:
-                    if first_token_at is None:
-                        first_token_at = self._clock()
-                        observers.first_token(generation, first_token_at - started)
-                    generation.emit_delta(chunk.text)
-                    if record is not None:
-                        record.progress()
-                    if wants_tokens:
-                        observers.token(generation, chunk.text)
-                if chunk.finish_reason is not None:
-                    reason = chunk.finish_reason
-                    usage = chunk.usage
+            try:
+                async with deadline, _closing(chunks):
+                    async for chunk in chunks:
+                        if chunk.text:
+                            if first_token_at is None:
+                                first_token_at = self._clock()
+                                observers.first_token(generation, first_token_at - started)
+                                trial.answered()
+                            generation.emit_delta(chunk.text)
+                            if record is not None:
+                                record.progress()
+                            if wants_tokens:
+                                observers.token(generation, chunk.text)
+                            if generation.tokens == token_cap:
+                                reason, cut = "length", "CHATGATE_MAX_ANSWER_TOKENS"
+                                break
+                        if chunk.finish_reason is not None:
+                            reason = chunk.finish_reason
+                            usage = chunk.usage
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                if not generation.tokens:
+                    raise ProviderTimeout(
+                        f"no answer within the gateway's time cap of {self.max_answer_s:g} s "
+                        "(CHATGATE_MAX_ANSWER_S)", retryable=True,
+                    ) from None
+                reason, cut = "length", "CHATGATE_MAX_ANSWER_S"
+            trial.answered()
         except asyncio.CancelledError as exc:
+            trial.abandoned()
             reason = "cancelled"
             if generation.stopping or not generation.cancel_requested:
                 # Not a client's cancel: the process is stopping. Keep what was answered,
@@ -442,6 +491,7 @@ class ChatService:
                 self._conclude(generation, _shutting_down(generation), exc)
                 raise
         except ProviderError as exc:
+            trial.failed(exc)
             log.warning(
                 "generation failed",
                 extra={"request_id": generation.id, "conversation_id": generation.conversation_id,
@@ -454,11 +504,17 @@ class ChatService:
             await self._end(generation, record, end, partial=True, exc=exc)
             return
         except Exception as exc:
+            trial.abandoned()
             log.exception("generation crashed", extra={"request_id": generation.id})
             end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
             await self._end(generation, record, end, partial=True, exc=exc)
             return
         ended = self._clock()
+        if cut is not None:
+            log.info(
+                "answer cut at the gateway's cap",
+                extra={"request_id": generation.id, "cap": cut, "after_tokens": generation.tokens},
+            )
         completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
         done: DoneEvent = {
             "type": "done",
@@ -470,29 +526,34 @@ class ChatService:
                 "total_ms": round((ended - started) * 1000, 3),
             },
         }
-        await self._end(generation, record, done, partial=reason == "cancelled")
+        await self._end(generation, record, done, partial=reason == "cancelled" or cut is not None)
 
     async def _stream_with_fallback(
-        self, generation: Generation, request: ProviderRequest
+        self, generation: Generation, request: ProviderRequest, probe: bool = False
     ) -> AsyncIterator[Chunk]:
         """Yield chunks from the first model that produces a token.
 
         Connect errors and retryable statuses are retried with backoff, then the fallback
-        models are tried; once a token has been yielded, a failure propagates.
+        models are tried; once a token has been yielded, a failure propagates. The
+        breaker's probe is one request: no retry, no fallback.
         """
         models = [request.model, *(m for m in self.fallback_models if m != request.model)]
+        attempts = self.retry.attempts
+        if probe:
+            models, attempts = models[:1], 1
         last_error: ProviderError | None = None
         for model in models:
             attempt_request = ProviderRequest(request.messages, model, request.options)
-            for attempt in range(self.retry.attempts):
+            for attempt in range(attempts):
                 produced = False
                 try:
-                    async for chunk in self.provider.stream(attempt_request):
-                        if not produced:
-                            produced = True
-                            if model != generation.model:
-                                generation.model = model
-                        yield chunk
+                    async with _closing(self.provider.stream(attempt_request)) as chunks:
+                        async for chunk in chunks:
+                            if not produced:
+                                produced = True
+                                if model != generation.model:
+                                    generation.model = model
+                            yield chunk
                     return
                 except ProviderError as exc:
                     if produced:
@@ -505,7 +566,7 @@ class ChatService:
                     )
                     if not exc.retryable:
                         break
-                    if attempt + 1 < self.retry.attempts:
+                    if attempt + 1 < attempts:
                         await asyncio.sleep(self.retry.delay(attempt))
         assert last_error is not None
         raise last_error
@@ -579,6 +640,19 @@ def _shutting_down(generation: Generation) -> ErrorEvent:
     )
 
 
+@contextlib.asynccontextmanager
+async def _closing(chunks: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
+    """Close ``chunks`` on the way out, also when the loop over it stopped early (an answer
+    cap): closing an adapter's stream closes its upstream request at once, where an
+    abandoned one would wait for the garbage collector."""
+    try:
+        yield chunks
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
+
+
 @contextlib.contextmanager
 def _store_reachable() -> Iterator[None]:
     """A store that cannot be reached is a clear, retryable refusal of the request."""
@@ -588,6 +662,14 @@ def _store_reachable() -> Iterator[None]:
         raise ChatError(
             "internal", "the conversation store is not reachable; try again in a moment", retryable=True
         ) from exc
+
+
+def _limit_key(turn: Turn) -> str:
+    """Whom limits count for: a key's owner, else the client's address. A browser's
+    anonymous identity (a cookie it can drop to get a new one) counts as its address."""
+    if turn.owner is not None and not turn.owner.startswith(ANONYMOUS_IDENTITY):
+        return turn.owner
+    return turn.client or "anonymous"
 
 
 def _scoped(scope: str | None) -> str:

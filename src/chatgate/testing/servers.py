@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from chatgate.app import SERVER_OPTIONS, create_app
+from chatgate.app import create_app, server_options
 from chatgate.config import Settings, load_settings
 
 
@@ -171,7 +171,7 @@ def run_gateway(settings: Settings | None = None, **overrides: Any) -> Iterator[
     config = uvicorn.Config(
         app,
         loop="asyncio",
-        **SERVER_OPTIONS,
+        **server_options(settings),
         lifespan="on",
         timeout_graceful_shutdown=3,
     )

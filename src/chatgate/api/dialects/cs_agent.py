@@ -34,6 +34,7 @@ from chatgate.api.dialects.base import (
     optional_str,
     register_dialect,
 )
+from chatgate.chat.agents import check_client_system
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 from chatgate.vocabulary import Message, Role
@@ -64,6 +65,8 @@ class CsAgentDialect(Dialect):
             raise bad(f"unknown type {kind!r}; expected ping, clear_history or a messages frame")
         messages = _messages(frame.get("messages"))
         history = messages[:-1]
+        # A system message here replaces the agent's prompt: only where the agent allows it.
+        check_client_system(self.peer.gateway.agents.get(None), history)
         return Chat(
             Turn(
                 message=messages[-1]["content"],
