@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.async_api import Browser, async_playwright
 
 from chatgate.testing.servers import (
     FakeLLM,
@@ -83,3 +85,24 @@ def start_gateway(gateway_settings: dict[str, Any]) -> GatewayFactory:
 def gw(start_gateway: GatewayFactory) -> Iterator[RunningGateway]:
     with start_gateway() as running:
         yield running
+
+
+#: Headless Chromium for the page's tests: Debian's package, driven by Playwright, with
+#: nothing that reaches beyond loopback (no QUIC, updates, sync or background fetches).
+CHROMIUM_ARGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """A real Chromium (``./test.sh`` installs Debian's when it is missing)."""
+    executable = shutil.which("chromium")
+    assert executable, "Debian's chromium is required (./test.sh installs it)"
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()

@@ -6,16 +6,14 @@ play two browsers; Debian's Chromium plays two real ones."""
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, expect
 from websockets.sync.client import connect
 
 from chatgate.testing.fake_llm import fake_reply
@@ -188,17 +186,6 @@ def test_the_workers_of_one_start_share_identities(fake: FakeLLM, tmp_path: Path
 # Two real browsers --------------------------------------------------------------------
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    executable = shutil.which("chromium")
-    assert executable, "Debian's chromium is required (./test.sh installs it)"
-    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=executable, args=args)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def test_two_real_browsers_keep_their_conversations_apart(gw: RunningGateway, browser: Browser) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import httpx
 import orjson
 import pytest
 import redis
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, expect
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -302,17 +301,6 @@ def test_a_malformed_hash_is_a_config_error(tmp_path: Path) -> None:
 # The page -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    executable = shutil.which("chromium")
-    assert executable, "Debian's chromium is required (./test.sh installs it)"
-    args = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=executable, args=args)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def test_the_page_asks_for_the_key_and_connects_with_a_ticket(
