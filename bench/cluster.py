@@ -45,6 +45,7 @@ from typing import Any
 
 import cluster_report
 import redis
+from report import put_section
 from run import git, machine
 from scenarios import LoadGroup, _merged, split
 from servers import (
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "cluster.md").write_text(section)
     print(section)
     if not args.quick and args.out is None:
-        cluster_report.put_section(BENCH / "RESULTS.md", section)
+        put_section(BENCH / "RESULTS.md", cluster_report.HEADING, section)
         print(f"wrote its section into {BENCH / 'RESULTS.md'}")
     return 0
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 HEADING = "## Several instances on one Redis"
 #: The section goes before this one, which is appended by hand (CHANGES.md).
-BEFORE = "## What was changed"
 TARGETS = {"chat": "POST /chat", "ws": "/ws", "direct": "direct NDJSON"}
 STORES = {"memory": "in-process (memory store)", "sqlite": "in-process (SQLite store)",
           "redis": "Redis Stream (Redis store)"}
@@ -162,16 +160,3 @@ def markdown(results: dict[str, Any]) -> str:
     ])
 
 
-def put_section(results_md: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, or add it before the changes."""
-    text = results_md.read_text()
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end + 1 :] if end >= 0 else "")
-    elif BEFORE in text:
-        at = text.index(BEFORE)
-        text = text[:at] + section.rstrip("\n") + "\n\n" + text[at:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results_md.write_text(text)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
+from report import put_section
 from run import git, machine
 from servers import wait_for_quiet
 from stats import percentile
@@ -47,7 +48,6 @@ from chatgate.testing.servers import start_redis
 BENCH = Path(__file__).resolve().parent
 HEADING = "## Conversations in Redis memory"
 #: The section goes before this one, which is appended by hand (CHANGES.md).
-BEFORE = "## What was changed"
 #: A conversation reads this many messages before each turn (the gateway's max_turns).
 WINDOW = 20
 TTL_S = 3600.0
@@ -292,19 +292,6 @@ def markdown(results: dict[str, Any]) -> str:
     ])
 
 
-def put_section(results_md: Path, section: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, or add it before the changes."""
-    text = results_md.read_text()
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    elif BEFORE in text:
-        at = text.index(BEFORE)
-        text = text[:at] + section + "\n" + text[at:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results_md.write_text(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -359,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "redis-memory.md").write_text(section)
     print(section)
     if not args.quick and args.out is None:
-        put_section(BENCH / "RESULTS.md", section)
+        put_section(BENCH / "RESULTS.md", HEADING, section)
         print(f"wrote its section into {BENCH / 'RESULTS.md'}")
     return 0
 

@@ -185,6 +185,28 @@ OWN_SECTIONS = (
 )
 
 
+#: Sections of other scripts go before this one (the changes, by hand, close the page).
+CHANGES_HEADING = "## What was changed"
+
+
+def put_section(results_md: Path, heading: str, section: str) -> None:
+    """Put ``section`` (which starts with ``heading``) into RESULTS.md: in place of the
+    previous one, else before the changes, else at the end. For the bench scripts that
+    each own one section of the page."""
+    text = results_md.read_text()
+    section = section.rstrip("\n") + "\n"
+    if heading + "\n" in text:
+        start = text.index(heading + "\n")
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
+    elif CHANGES_HEADING in text:
+        at = text.index(CHANGES_HEADING)
+        text = text[:at] + section + "\n" + text[at:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results_md.write_text(text)
+
+
 def other_sections(previous: str) -> list[str]:
     """The sections of a previous RESULTS.md that other scripts wrote, in their order."""
     parts = previous.split("\n## ")[1:]

@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from load import bounded_session, describe
+from report import put_section
 from run import git, machine
 from servers import (
     REPO,
@@ -74,7 +75,6 @@ from stats import percentile
 BENCH = REPO / "bench"
 HEADING = "## Soak"
 #: The section goes before this one, which is appended by hand (CHANGES.md).
-BEFORE = "## What was changed"
 ANSWER_TIMEOUT_S = 30.0
 SLOW_READ_S = 0.1
 POLL_S = 1.0
@@ -563,19 +563,6 @@ def markdown(results: dict[str, Any], checks: list[tuple[str, bool]]) -> str:
     ])
 
 
-def put_section(results_md: Path, section: str) -> None:
-    """Replace this script's section of RESULTS.md, or add it before the changes."""
-    text = results_md.read_text()
-    if HEADING + "\n" in text:
-        start = text.index(HEADING + "\n")
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + text[end + 1:] if end >= 0 else "")
-    elif BEFORE in text:
-        at = text.index(BEFORE)
-        text = text[:at] + section.rstrip("\n") + "\n\n" + text[at:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results_md.write_text(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -615,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "soak.md").write_text(section)
     print(section)
     if not args.quick and args.out is None:
-        put_section(BENCH / "RESULTS.md", section)
+        put_section(BENCH / "RESULTS.md", HEADING, section)
         print(f"wrote its section into {BENCH / 'RESULTS.md'}")
     return 0 if all(ok for _, ok in checks) else 1
 
