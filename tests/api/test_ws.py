@@ -201,3 +201,10 @@ async def test_permessage_deflate_is_not_negotiated_even_when_offered(gw: Runnin
         assert "Sec-WebSocket-Extensions" not in ws.response.headers
         await send(ws, {"type": "ping"})
         assert (await recv(ws))["type"] == "pong"
+
+
+async def test_a_refused_clear_history_names_the_frames_id(gw: RunningGateway) -> None:
+    async with connect(gw.ws_url + "/ws") as ws:
+        await send(ws, {"type": "clear_history", "id": "c1", "conversation_id": "not an id!"})
+        error = await recv(ws)
+    assert (error["type"], error["code"], error.get("id")) == ("error", "bad_request", "c1")

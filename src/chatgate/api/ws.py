@@ -284,6 +284,8 @@ def _request_id(command: Command | None) -> str | None:
             return turn.request_id
         case Cancel(generation_id) | Resume(generation_id, _):
             return generation_id
+        case ClearHistory(_, request_id):
+            return request_id
     return None
 
 

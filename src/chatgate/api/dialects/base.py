@@ -72,6 +72,8 @@ class Resume:
 @dataclass(frozen=True, slots=True)
 class ClearHistory:
     conversation_id: str
+    #: The frame's own ``id``, if it had one: a refusal names it.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,7 +95,7 @@ class NativeDialect(Dialect):
         conversation_id = optional_str(frame, "conversation_id")
         if conversation_id is None:
             raise bad("conversation_id is required")
-        return ClearHistory(conversation_id)
+        return ClearHistory(conversation_id, optional_str(frame, "id"))
 
     async def _ping(self, frame: dict[str, Any]) -> Command:
         return Ping()
