@@ -12,13 +12,14 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate import __version__
-from chatgate.api import http, ollama_compat, openai_compat, ws
+from chatgate.api import embeddings, http, ollama_compat, openai_compat, ws
 from chatgate.api.auth import Access, Authentication
 from chatgate.api.browsers import AllowedHosts, JsonBodiesOnly, boundary_of
-from chatgate.api.errors import error_response, handle_chat_error, shape_of
+from chatgate.api.errors import error_response, handle_chat_error, handle_http_exception, shape_of
 from chatgate.api.limits import BodySizeLimit, SizeLimits
 from chatgate.chat.agents import load_agents
 from chatgate.chat.events import ChatError
@@ -104,7 +105,9 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
     app.add_middleware(CORSMiddleware, **boundary.cors_options())
     app.add_middleware(AllowedHosts, boundary=boundary)
     app.add_exception_handler(ChatError, handle_chat_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.include_router(http.router)
+    app.include_router(embeddings.router)  # before the compat APIs' unknown-path routes
     app.include_router(openai_compat.router)
     app.include_router(ollama_compat.router)
     return app

@@ -47,6 +47,10 @@ class Metrics(GenerationObserver):
             registry=self.registry,
         )
         self._tokens = Counter("chatgate_tokens_total", "Streamed deltas", ["provider"], registry=self.registry)
+        self._embeddings = Counter(
+            "chatgate_embeddings_total", "Embeddings requests by provider and outcome", ["provider", "outcome"],
+            registry=self.registry,
+        )
         self._ttft = Histogram(
             "chatgate_time_to_first_token_seconds", "Time from request to first token", ["provider"],
             buckets=TTFT_BUCKETS_S, registry=self.registry,
@@ -80,6 +84,9 @@ class Metrics(GenerationObserver):
         # Counted at the end from the generation's own count, not per token: the tokens
         # already streamed to clients, also of answers cut short or broken off.
         self._tokens_series.inc(generation.tokens)
+
+    def embedded(self, outcome: str) -> None:
+        self._embeddings.labels(self.provider, outcome).inc()
 
     def websocket_opened(self) -> None:
         self._websockets.inc()

@@ -49,3 +49,41 @@ def test_an_oversized_body_is_refused_in_its_apis_shape(gw: RunningGateway) -> N
     assert ollama.status_code == 413 and "larger than" in ollama.json()["error"]
     native = httpx.post(f"{gw.url}/chat", content=too_big, headers={"content-type": "application/json"})
     assert native.status_code == 413 and native.json()["code"] == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", "/v1/responses"), ("GET", "/v1/nothing")]
+)
+def test_an_unknown_openai_route_is_a_404_in_openais_shape(gw: RunningGateway, method: str, path: str) -> None:
+    response = httpx.request(method, f"{gw.url}{path}", json={})
+    assert response.status_code == 404
+    assert response.json() == {"error": {
+        "message": f"Invalid URL ({method} {path})", "type": "invalid_request_error", "param": None, "code": None}}
+
+
+def test_an_unknown_ollama_route_is_a_404_in_ollamas_shape(gw: RunningGateway) -> None:
+    response = httpx.post(f"{gw.url}/api/nothing", json={})
+    assert (response.status_code, response.json()) == (404, {"error": "Invalid URL (POST /api/nothing)"})
+
+
+def test_a_wrong_method_is_a_405_in_its_apis_shape(gw: RunningGateway) -> None:
+    response = httpx.delete(f"{gw.url}/v1/chat/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert httpx.get(f"{gw.url}/api/chat").json() == {"error": "Method GET is not allowed for /api/chat"}
+
+
+def test_other_paths_keep_fastapis_shape(gw: RunningGateway) -> None:
+    response = httpx.get(f"{gw.url}/nothing")
+    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+
+
+def test_the_openai_package_raises_not_found_for_an_unknown_route(gw: RunningGateway) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.post("/responses", body={"model": "fake-model", "input": "hi"}, cast_to=object)
+    assert raised.value.status_code == 404
+    assert raised.value.body == {
+        "message": "Invalid URL (POST /v1/responses)", "type": "invalid_request_error", "param": None, "code": None}

@@ -213,3 +213,15 @@ async def test_measures_throughput(provider: LocalProvider) -> None:
         f"\n{provider.default_model}: first token {(first_at - start) * 1000:.0f} ms, "
         f"{rate:.1f} tokens/s over {count} tokens"
     )
+
+
+@shares_model
+async def test_model_catalog_reports_the_file_and_llama_cpps_metadata(provider: LocalProvider) -> None:
+    unloaded = await LocalProvider().model_catalog()
+    assert [(m.name, m.kind, m.size) for m in unloaded] == [
+        (provider.default_model, "gguf", Path(provider.model_path).stat().st_size)]
+    assert unloaded[0].raw["metadata"] == {} and unloaded[0].modified_at
+    async for _ in provider.stream(ask(provider, max_tokens=1)):
+        pass
+    [loaded] = await provider.model_catalog()
+    assert loaded.raw["metadata"]["general.architecture"] == "llama"

@@ -196,16 +196,6 @@ def make_turn(
     )
 
 
-async def model_names(gateway: Gateway) -> list[str]:
-    """The upstream's models (none when it cannot say), then every agent as ``agent:<name>``."""
-    try:
-        upstream = await gateway.provider.models()
-    except (ProviderError, OSError, TimeoutError):
-        upstream = []
-    names = list(dict.fromkeys(name for name in upstream if name))
-    return names + [AGENT_PREFIX + name for name in gateway.agents.names()]
-
-
 async def upstream_model(gateway: Gateway, name: str) -> str:
     """The upstream model that ``name`` (a model or ``agent:<name>``) answers with; 404
     when the upstream lists its models and ``name`` is not among them."""

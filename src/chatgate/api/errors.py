@@ -15,6 +15,8 @@ import math
 from typing import Any, Final, Literal
 
 import orjson
+from fastapi.exception_handlers import http_exception_handler
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -97,3 +99,30 @@ async def handle_chat_error(request: Request, exc: Exception) -> Response:
     """The application's handler for every :class:`ChatError` a route raises."""
     assert isinstance(exc, ChatError)
     return error_response(exc, shape_of(request.url.path))
+
+
+#: Routing's own refusals (no such route, a route without that method), by their status:
+#: OpenAI's ``code`` (it answers an unknown path with ``null``) and the message.
+_ROUTING: Final[dict[int, tuple[str | None, str]]] = {
+    404: (None, "Invalid URL ({method} {path})"),
+    405: ("method_not_allowed", "Method {method} is not allowed for {path}"),
+}
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    """Routing's 404 and 405 under ``/v1`` and ``/api`` in that API's shape, so its clients
+    raise their usual errors (``openai.NotFoundError``, ``ollama.ResponseError``); every
+    other path and status keeps FastAPI's ``{"detail"}``."""
+    assert isinstance(exc, HTTPException)
+    shape = shape_of(request.url.path)
+    routing = _ROUTING.get(exc.status_code)
+    if shape == "native" or routing is None:
+        return await http_exception_handler(request, exc)
+    code, template = routing
+    message = template.format(method=request.method, path=request.url.path)
+    body: dict[str, Any] = (
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+        if shape == "openai"
+        else {"error": message}
+    )
+    return ORJSONResponse(body, status_code=exc.status_code, headers=exc.headers)

@@ -9,7 +9,6 @@ Errors are ``{"error": "..."}`` with an HTTP status, or that line mid-stream.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -18,8 +17,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from chatgate import __version__
-from chatgate.api import compat
+from chatgate.api import catalog, compat
 from chatgate.api.auth import caller
 from chatgate.api.errors import ORJSONResponse, RequestError
 from chatgate.chat.events import DoneEvent, Event
@@ -42,7 +40,6 @@ from chatgate.vocabulary import GenerationOptions, Message
 #: The Ollama release whose API these routes follow; clients gate features on it.
 OLLAMA_API_VERSION = "0.6.0"
 NDJSON = "application/x-ndjson"
-_MODIFIED_AT = datetime.now(UTC).isoformat()
 
 
 # Wire models -------------------------------------------------------------------------
@@ -135,21 +132,25 @@ class Answer(BaseModel):
 
 
 class ModelDetails(BaseModel):
-    parent_model: str
-    format: str
-    family: str
-    families: list[str]
-    parameter_size: str
-    quantization_level: str
+    model_config = ConfigDict(extra="allow")
+    parent_model: str | None = None
+    format: str | None = None
+    family: str | None = None
+    families: list[str] | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
 
 
 class Tag(BaseModel):
+    """An upstream's entry as it gave it (Ollama's, whole); null what it does not say."""
+
+    model_config = ConfigDict(extra="allow")
     name: str
     model: str
-    modified_at: str
-    size: int
-    digest: str
-    details: ModelDetails
+    modified_at: str | None
+    size: int | None
+    digest: str | None
+    details: ModelDetails | None
 
 
 class Tags(BaseModel):
@@ -157,13 +158,14 @@ class Tags(BaseModel):
 
 
 class Show(BaseModel):
-    modelfile: str
-    parameters: str
-    template: str
-    details: ModelDetails
-    model_info: dict[str, Any]
-    capabilities: list[str]
-    modified_at: str
+    model_config = ConfigDict(extra="allow")
+    modelfile: str | None
+    parameters: str | None
+    template: str | None
+    details: ModelDetails | None
+    model_info: dict[str, Any] | None
+    capabilities: list[str] | None
+    modified_at: str | None
 
 
 class Version(BaseModel):
@@ -317,65 +319,31 @@ async def generate(request: Request) -> Response:
     )
 
 
-def _details(name: str) -> dict[str, Any]:
-    family = "chatgate-agent" if compat.agent_of(name) is not None else ""
-    return {
-        "parent_model": "",
-        "format": "",
-        "family": family,
-        "families": [family] if family else [],
-        "parameter_size": "",
-        "quantization_level": "",
-    }
-
-
-def _tag(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": name,
-        "modified_at": _MODIFIED_AT,
-        "size": 0,
-        "digest": hashlib.sha256(name.encode()).hexdigest(),
-        "details": _details(name),
-    }
-
-
 @router.get("/api/tags", response_model=Tags, responses=ERRORS)
 async def tags(request: Request) -> Response:
-    gateway = compat.gateway_of(request)
-    return ORJSONResponse({"models": [_tag(name) for name in await compat.model_names(gateway)]})
+    """The upstream's models as it describes them, then each agent as ``agent:NAME``."""
+    return ORJSONResponse({"models": await catalog.ollama_tags(request)})
 
 
 @router.post(
     "/api/show",
-    openapi_extra=compat.openapi_body(ShowRequest),
+    # The body only: showing a model takes no conversation (no X-Conversation-Id).
+    openapi_extra={"requestBody": compat.openapi_body(ShowRequest)["requestBody"]},
     response_model=Show,
     responses=ERRORS,
 )
 async def show(request: Request) -> Response:
-    gateway = compat.gateway_of(request)
     body = compat.validate(ShowRequest, compat.read_json_object(await request.body()))
     name = body.model or body.name
     if name is None:
         raise RequestError("model is required", param="model")
-    base = await compat.upstream_model(gateway, name)
-    return ORJSONResponse(
-        {
-            "modelfile": f"# served by chatgate {__version__}\nFROM {base}\n",
-            "parameters": "",
-            "template": "{{ .Prompt }}",
-            "details": _details(name),
-            "model_info": {"general.architecture": "chatgate", "general.basename": base},
-            "capabilities": ["completion"],
-            "modified_at": _MODIFIED_AT,
-        }
-    )
+    return ORJSONResponse(await catalog.ollama_show(request, name))
 
 
-@router.get("/api/ps", response_model=Tags)
-async def running() -> dict[str, Any]:
-    """Nothing is loaded by chatgate itself; the upstream keeps its own models warm."""
-    return {"models": []}
+@router.get("/api/ps", response_model=Tags, responses=ERRORS)
+async def running(request: Request) -> Response:
+    """What the upstream holds in memory, as it says (none for an upstream that does not)."""
+    return ORJSONResponse({"models": await catalog.ollama_running(request)})
 
 
 @router.get("/api/version", response_model=Version)

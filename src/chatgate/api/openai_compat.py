@@ -15,10 +15,10 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from chatgate.api import compat
+from chatgate.api import catalog, compat
 from chatgate.api.auth import caller
 from chatgate.api.errors import ORJSONResponse, RequestError, openai_error, status_of
-from chatgate.chat.events import DoneEvent, Event
+from chatgate.chat.events import ChatError, DoneEvent, Event
 from chatgate.options import (
     INT32_MAX,
     INT64_MAX,
@@ -137,10 +137,13 @@ class ChatCompletion(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """The upstream's model object as it gave it; null what it does not say."""
+
+    model_config = ConfigDict(extra="allow")
     id: str
     object: Literal["model"]
-    created: int
-    owned_by: str
+    created: int | None
+    owned_by: str | None
 
 
 class ModelList(BaseModel):
@@ -323,15 +326,13 @@ async def chat_completions(request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request) -> Response:
-    gateway = compat.gateway_of(request)
-    owner = gateway.provider.name
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "chatgate" if compat.agent_of(name) is not None else owner,
-        }
-        for name in await compat.model_names(gateway)
-    ]
-    return ORJSONResponse({"object": "list", "data": data})
+    """The upstream's models with its ``created`` and ``owned_by``, then each agent."""
+    return ORJSONResponse({"object": "list", "data": await catalog.openai_models(request)})
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(request: Request, model: str) -> Response:
+    card = next((card for card in await catalog.openai_models(request) if card.get("id") == model), None)
+    if card is None:
+        raise ChatError("not_found", f"The model '{model}' does not exist")
+    return ORJSONResponse(card)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal, TypedDict
 
 from chatgate.providers.base import (
+    EmbeddingsUnsupported,
     ModelNotFound,
     ProviderError,
     ProviderTimeout,
@@ -80,6 +81,8 @@ def provider_error_code(exc: ProviderError) -> ErrorCode:
         return "timeout"
     if isinstance(exc, ModelNotFound):
         return "not_found"
+    if isinstance(exc, EmbeddingsUnsupported):
+        return "bad_request"
     return "provider_error"
 
 

@@ -58,6 +58,10 @@ class GenerationObserver:
         """A client cancelled it (or cleared its conversation, or it lost its socket and
         nobody resumed it); ``done`` has ``finish_reason`` ``cancelled``."""
 
+    def embedded(self, outcome: str) -> None:
+        """An embeddings request ended: ``ok``, or the native error code it failed with.
+        Not a generation: embeddings are answered whole, with no log or events."""
+
 
 class Observers:
     """The observers of one service, each hook called on all of them in order."""
@@ -106,6 +110,13 @@ class Observers:
                     observer.finished(generation, end)
             except Exception:
                 _report(observer, hook, generation)
+
+    def embedded(self, outcome: str) -> None:
+        for observer in self._all:
+            try:
+                observer.embedded(outcome)
+            except Exception:
+                log.exception("a generation observer failed", extra={"observer": type(observer).__name__})
 
 
 def _report(observer: GenerationObserver, hook: str, generation: Generation) -> None:

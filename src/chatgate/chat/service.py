@@ -25,7 +25,14 @@ from chatgate.chat.lifecycle import GenerationObserver, Observers
 from chatgate.chat.limits import ClientLimits, LocalLimits
 from chatgate.chat.record import TurnRecord, turn_id
 from chatgate.chat.sharing import SharedGenerations
-from chatgate.providers.base import Chunk, Provider, ProviderError, ProviderRequest, ProviderTimeout
+from chatgate.providers.base import (
+    Chunk,
+    Embeddings,
+    Provider,
+    ProviderError,
+    ProviderRequest,
+    ProviderTimeout,
+)
 from chatgate.store.base import (
     Conversation,
     ConversationInfo,
@@ -259,6 +266,23 @@ class ChatService:
             del self._orphans[generation.id]
 
     # Turns -----------------------------------------------------------------------------
+
+    async def embed(
+        self, model: str | None, inputs: list[str], *, owner: str | None = None, client: str | None = None
+    ) -> Embeddings:
+        """The upstream's embeddings of ``inputs``: counted against the caller's request
+        rate like a turn (not against its concurrent replies: nothing streams), and told
+        to the observers. No retry or fallback model: another model's vectors are not
+        interchangeable with the ones asked for."""
+        await self._limits.admit(_limit_key(Turn("", owner=owner, client=client)))
+        try:
+            embeddings = await self.provider.embed(model or "", inputs)
+        except ProviderError as exc:
+            code = provider_error_code(exc)
+            self._observers.embedded(code)
+            raise ChatError(code, exc.message, retryable=exc.retryable) from exc
+        self._observers.embedded("ok")
+        return embeddings
 
     async def start(self, turn: Turn, *, wait: bool = False) -> Generation:
         """Validate the turn, load its history and start generating; the returned

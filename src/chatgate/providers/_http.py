@@ -162,6 +162,32 @@ async def streamed_post(
             body.close()
 
 
+async def post_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    payload: Any,
+    *,
+    provider: str,
+    model: str,
+    base_url: str,
+    status_error: Callable[[int, bytes, str], ProviderError],
+    headers: dict[str, str],
+) -> Any:
+    """POST ``payload`` as JSON and return the decoded answer, for calls that do not stream
+    (embeddings); failures raise as :func:`streamed_post`'s do."""
+    async with upstream_errors(provider, model, base_url):
+        async with session.post(url, data=orjson.dumps(payload), headers=headers) as response:
+            body = await response.read()
+            if response.status >= 400:
+                raise status_error(response.status, body, model)
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(
+            f"{provider} answered with a body that is not JSON", provider=provider, model=model
+        ) from exc
+
+
 @asynccontextmanager
 async def upstream_errors(provider: str, model: str, url: str) -> AsyncIterator[None]:
     """Translate aiohttp's failures into the provider error tree (see providers/base.py)."""

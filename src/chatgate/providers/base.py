@@ -12,6 +12,9 @@ the adapters knows which upstream it is talking to::
     └── ProviderStreamError       broke after the stream started (dropped
                                   connection, in-stream ``{"error": ...}``)         retryable
 
+:meth:`Provider.embed` raises the same tree, plus :class:`EmbeddingsUnsupported` (HTTP 400)
+when the upstream cannot embed at all.
+
 ``retryable`` says whether the *same* request may succeed if sent again; whether it is
 sent again is the chat service's decision (only before the first token).
 
@@ -60,6 +63,14 @@ class Chunk(NamedTuple):
     usage: Usage | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """One vector per input text, in order; ``prompt_tokens`` when the upstream counted them."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int | None = None
+
+
 class ProviderError(Exception):
     default_retryable: ClassVar[bool] = False
 
@@ -97,6 +108,10 @@ class ProviderStreamError(ProviderError):
     default_retryable = True
 
 
+class EmbeddingsUnsupported(ProviderError):
+    """The upstream (or the model it was started with) does not compute embeddings."""
+
+
 @runtime_checkable
 class Provider(Protocol):
     """An LLM backend. ``name`` is the registry name; ``default_model`` is used when
@@ -111,6 +126,10 @@ class Provider(Protocol):
         Closing the iterator early (``aclose()``, or cancelling the task iterating it)
         must release the upstream request at once.
         """
+        ...
+
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        """One embedding per text of ``inputs``, by ``model`` (empty: the default one)."""
         ...
 
     async def models(self) -> list[str]:
@@ -203,3 +222,38 @@ def register_provider(
 def registered_providers() -> Mapping[str, Registration[Any]]:
     """Every registered provider by name (the adapters register when imported)."""
     return MappingProxyType(_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model as the upstream describes it: ``raw`` is its entry, whole, in the format
+    ``kind`` names (``ollama``: an ``/api/tags`` entry, ``openai``: a model object,
+    ``gemini``: a model resource, ``gguf``: the embedded model's file); the other fields are
+    what the adapter could read from it, None where the upstream does not say."""
+
+    name: str
+    raw: Mapping[str, Any]
+    kind: str = ""
+    owned_by: str | None = None
+    created: int | None = None  # Unix seconds
+    size: int | None = None  # bytes
+    modified_at: str | None = None  # ISO 8601
+
+
+@runtime_checkable
+class ModelCatalog(Protocol):
+    """An adapter that can describe its upstream's models, not only name them."""
+
+    async def model_catalog(self) -> list[ModelInfo]:
+        """Every model the upstream lists, with its details as the upstream gives them."""
+        ...
+
+    async def model_card(self, name: str) -> Mapping[str, Any] | None:
+        """The upstream's full description of ``name`` (Ollama's ``/api/show`` body); None
+        when the upstream has no such description. Raises :class:`ModelNotFound`."""
+        ...
+
+    async def loaded_models(self) -> list[ModelInfo]:
+        """The models the upstream holds in memory now (Ollama's ``/api/ps``); empty when
+        it does not say."""
+        ...

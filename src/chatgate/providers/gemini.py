@@ -23,7 +23,7 @@ model :class:`ModelNotFound`, and an in-stream ``data: {"error": …}`` event a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -32,11 +32,14 @@ import orjson
 from pydantic import AliasChoices, Field, SecretStr
 
 from chatgate.config import ConfigError
-from chatgate.providers._http import JSON_HEADERS, streamed_post, upstream_errors
+from chatgate.providers._http import JSON_HEADERS, post_json, streamed_post, upstream_errors
 from chatgate.providers.base import (
     Chunk,
+    Embeddings,
+    ModelInfo,
     ModelNotFound,
     ProviderDefaults,
+    ProviderError,
     ProviderHTTPError,
     ProviderRequest,
     ProviderSettings,
@@ -208,6 +211,33 @@ class GeminiProvider:
             retryable=False,
         )
 
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        model = (model or self.default_model).removeprefix("models/")
+        resource = model_resource(model)
+        requests = [{"model": resource, "content": {"parts": [{"text": text}]}} for text in inputs]
+        data = await post_json(
+            self._session,
+            f"{self.base_url}/{resource}:batchEmbedContents",
+            {"requests": requests},
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            headers=self._headers,
+        )
+        try:
+            vectors = [item["values"] for item in data["embeddings"]]
+        except (KeyError, TypeError) as exc:
+            raise ProviderError(
+                "gemini answered batchEmbedContents in an unknown shape", provider=self.name, model=model
+            ) from exc
+        if len(vectors) != len(inputs):
+            raise ProviderError(
+                f"gemini answered {len(vectors)} embeddings for {len(inputs)} inputs",
+                provider=self.name, model=model,
+            )
+        return Embeddings(vectors)
+
     def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
         _, status_name, message = google_error_body(body)
         if status == 404 and model:
@@ -221,7 +251,11 @@ class GeminiProvider:
 
     async def models(self) -> list[str]:
         """The models that can generate content (all listed, when the field is absent)."""
-        names: list[str] = []
+        return [model.name for model in await self.model_catalog()]
+
+    async def model_catalog(self) -> list[ModelInfo]:
+        """The models that can generate content, each with its resource as Gemini lists it."""
+        models: list[ModelInfo] = []
         params = {"pageSize": "1000"}
         async with upstream_errors(self.name, "", self.base_url):
             for _ in range(_MAX_MODEL_PAGES):
@@ -234,12 +268,18 @@ class GeminiProvider:
                 for entry in data.get("models") or ():
                     methods = entry.get("supportedGenerationMethods")
                     if "name" in entry and (methods is None or "generateContent" in methods):
-                        names.append(entry["name"].removeprefix("models/"))
+                        models.append(ModelInfo(entry["name"].removeprefix("models/"), entry, "gemini", owned_by="google"))
                 token = data.get("nextPageToken")
                 if not token:
                     break
                 params = {"pageSize": "1000", "pageToken": token}
-        return names
+        return models
+
+    async def model_card(self, name: str) -> Mapping[str, Any] | None:
+        return None
+
+    async def loaded_models(self) -> list[ModelInfo]:
+        return []
 
     async def check(self) -> str:
         models = await self.models()

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from importlib import metadata, util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias, cast
@@ -22,6 +23,9 @@ from pydantic import AliasChoices, Field
 
 from chatgate.providers.base import (
     Chunk,
+    Embeddings,
+    EmbeddingsUnsupported,
+    ModelInfo,
     ProviderDefaults,
     ProviderError,
     ProviderRequest,
@@ -239,8 +243,39 @@ class LocalProvider:
             )
         return llm
 
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        """Refused: ``Llama.embed`` needs the model loaded a second time with
+        ``embedding=True``, which would double the memory the embedded model takes."""
+        raise EmbeddingsUnsupported(
+            "the embedded model does not do embeddings", provider=self.name, model=model or self.default_model
+        )
+
     async def models(self) -> list[str]:
         return [self.default_model]
+
+    async def model_catalog(self) -> list[ModelInfo]:
+        """The model file: its name and size, and llama.cpp's metadata once it is loaded."""
+        try:
+            stat = await asyncio.to_thread(os.stat, self.model_path)
+        except OSError:
+            return [ModelInfo(self.default_model, {"path": self.model_path}, "gguf")]
+        llm = self._llm
+        metadata = dict(getattr(llm, "metadata", None) or {}) if llm is not None else {}
+        return [
+            ModelInfo(
+                self.default_model,
+                {"path": self.model_path, "size": stat.st_size, "metadata": metadata},
+                "gguf",
+                size=stat.st_size,
+                modified_at=datetime.fromtimestamp(stat.st_mtime, UTC).isoformat(),
+            )
+        ]
+
+    async def model_card(self, name: str) -> Mapping[str, Any] | None:
+        return None
+
+    async def loaded_models(self) -> list[ModelInfo]:
+        return []
 
     async def check(self) -> str:
         if not await asyncio.to_thread(os.path.isfile, self.model_path):

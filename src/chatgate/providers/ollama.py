@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
@@ -12,11 +13,20 @@ import orjson
 from pydantic import AliasChoices, Field, field_validator
 
 from chatgate.config import WILDCARD_HOSTS, variable_for
-from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
+from chatgate.providers._http import (
+    JSON_HEADERS,
+    error_text,
+    post_json,
+    streamed_post,
+    upstream_errors,
+)
 from chatgate.providers.base import (
     Chunk,
+    Embeddings,
+    ModelInfo,
     ModelNotFound,
     ProviderDefaults,
+    ProviderError,
     ProviderHTTPError,
     ProviderRequest,
     ProviderSettings,
@@ -24,6 +34,25 @@ from chatgate.providers.base import (
     register_provider,
 )
 from chatgate.vocabulary import FinishReason, GenerationOptions, Usage
+
+
+def _model_info(entry: dict[str, Any]) -> ModelInfo:
+    """An ``/api/tags`` or ``/api/ps`` entry; ``created`` and ``owned_by`` as Ollama's own
+    ``/v1/models`` gives them (the modification time, ``library``)."""
+    size, modified_at = entry.get("size"), entry.get("modified_at")
+    try:
+        created = int(datetime.fromisoformat(modified_at).timestamp()) if isinstance(modified_at, str) else None
+    except ValueError:
+        created = None
+    return ModelInfo(
+        name=str(entry.get("name") or entry.get("model") or ""),
+        raw=entry,
+        kind="ollama",
+        owned_by="library",
+        created=created,
+        size=size if isinstance(size, int) else None,
+        modified_at=modified_at if isinstance(modified_at, str) else None,
+    )
 
 
 def ollama_options(options: GenerationOptions) -> dict[str, Any]:
@@ -89,6 +118,25 @@ class OllamaProvider:
                 "ollama ended the stream without a final message", provider=self.name, model=model
             )
 
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        model = model or self.default_model
+        data = await post_json(
+            self._session,
+            f"{self.base_url}/api/embed",
+            {"model": model, "input": inputs},
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            headers=JSON_HEADERS,
+        )
+        vectors = data.get("embeddings") if isinstance(data, dict) else None
+        if not isinstance(vectors, list) or len(vectors) != len(inputs):
+            raise ProviderError(
+                f"ollama answered /api/embed without {len(inputs)} embeddings", provider=self.name, model=model
+            )
+        return Embeddings(vectors, data.get("prompt_eval_count"))
+
     def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
         detail = error_text(body)
         if status == 404 and "not found" in detail.lower():
@@ -106,6 +154,30 @@ class OllamaProvider:
                     raise self._status_error(response.status, await response.read(), "")
                 data = await response.json(loads=orjson.loads)
         return [m.get("name") or m.get("model") for m in data.get("models", [])]
+
+    async def model_catalog(self) -> list[ModelInfo]:
+        return [_model_info(entry) for entry in (await self._get("/api/tags")).get("models") or ()]
+
+    async def model_card(self, name: str) -> Mapping[str, Any] | None:
+        async with upstream_errors(self.name, name, self.base_url):
+            async with self._session.post(
+                f"{self.base_url}/api/show", data=orjson.dumps({"model": name}), headers=JSON_HEADERS
+            ) as response:
+                if response.status >= 400:
+                    raise self._status_error(response.status, await response.read(), name)
+                card: dict[str, Any] = await response.json(loads=orjson.loads, content_type=None)
+        return card
+
+    async def loaded_models(self) -> list[ModelInfo]:
+        return [_model_info(entry) for entry in (await self._get("/api/ps")).get("models") or ()]
+
+    async def _get(self, path: str) -> dict[str, Any]:
+        async with upstream_errors(self.name, "", self.base_url):
+            async with self._session.get(f"{self.base_url}{path}") as response:
+                if response.status >= 400:
+                    raise self._status_error(response.status, await response.read(), "")
+                data = await response.json(loads=orjson.loads, content_type=None)
+        return data if isinstance(data, dict) else {}
 
     async def check(self) -> str:
         async with upstream_errors(self.name, "", self.base_url):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -11,11 +11,20 @@ import orjson
 from pydantic import AliasChoices, Field, SecretStr
 
 from chatgate.config import ConfigError
-from chatgate.providers._http import JSON_HEADERS, error_text, streamed_post, upstream_errors
+from chatgate.providers._http import (
+    JSON_HEADERS,
+    error_text,
+    post_json,
+    streamed_post,
+    upstream_errors,
+)
 from chatgate.providers.base import (
     Chunk,
+    Embeddings,
+    ModelInfo,
     ModelNotFound,
     ProviderDefaults,
+    ProviderError,
     ProviderHTTPError,
     ProviderRequest,
     ProviderSettings,
@@ -115,6 +124,32 @@ class OpenAIProvider:
             body.complete()
             yield Chunk("", finish_reason=reason, usage=usage)
 
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        model = model or self.default_model
+        data = await post_json(
+            self._session,
+            f"{self.base_url}/embeddings",
+            {"model": model, "input": inputs, "encoding_format": "float"},
+            provider=self.name,
+            model=model,
+            base_url=self.base_url,
+            status_error=self._status_error,
+            headers=self._headers,
+        )
+        try:
+            items = sorted(data["data"], key=lambda item: item["index"])
+            vectors = [item["embedding"] for item in items]
+        except (KeyError, TypeError) as exc:
+            raise ProviderError(
+                f"{self.name} answered /embeddings in an unknown shape", provider=self.name, model=model
+            ) from exc
+        if len(vectors) != len(inputs):
+            raise ProviderError(
+                f"{self.name} answered {len(vectors)} embeddings for {len(inputs)} inputs",
+                provider=self.name, model=model,
+            )
+        return Embeddings(vectors, (data.get("usage") or {}).get("prompt_tokens"))
+
     def _status_error(self, status: int, body: bytes, model: str) -> ProviderHTTPError:
         detail = error_text(body)
         if status == 404 and ("model" in detail.lower() or b"model_not_found" in body):
@@ -124,12 +159,31 @@ class OpenAIProvider:
         )
 
     async def models(self) -> list[str]:
+        return [model.name for model in await self.model_catalog()]
+
+    async def model_catalog(self) -> list[ModelInfo]:
         async with upstream_errors(self.name, "", self.base_url):
             async with self._session.get(f"{self.base_url}/models", headers=self._headers) as response:
                 if response.status >= 400:
                     raise self._status_error(response.status, await response.read(), "")
                 data = await response.json(loads=orjson.loads, content_type=None)
-        return [m["id"] for m in data.get("data", []) if "id" in m]
+        return [
+            ModelInfo(
+                name=str(entry["id"]),
+                raw=entry,
+                kind="openai",
+                owned_by=entry.get("owned_by") if isinstance(entry.get("owned_by"), str) else None,
+                created=entry.get("created") if isinstance(entry.get("created"), int) else None,
+            )
+            for entry in data.get("data") or ()
+            if isinstance(entry, dict) and "id" in entry
+        ]
+
+    async def model_card(self, name: str) -> Mapping[str, Any] | None:
+        return None
+
+    async def loaded_models(self) -> list[ModelInfo]:
+        return []
 
     async def check(self) -> str:
         models = await self.models()

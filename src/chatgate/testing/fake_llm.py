@@ -22,6 +22,7 @@ from typing import Any, get_args
 import orjson
 from aiohttp import web
 
+from chatgate.testing.fake_embeddings import add_embedding_routes
 from chatgate.testing.fake_gemini import add_gemini_routes
 from chatgate.testing.fake_wire import (
     STATE,
@@ -304,9 +305,23 @@ async def _ollama_show(request: web.Request) -> web.Response:
     )
 
 
+async def _ollama_ps(request: web.Request) -> web.Response:
+    """The first model, as if loaded: Ollama's ``/api/ps`` entry."""
+    models = request.app[STATE].settings.models[:1]
+    loaded = [
+        {**_ollama_tag(name), "size_vram": 524_288, "expires_at": "2099-01-01T00:00:00Z", "context_length": 8192}
+        for name in models
+    ]
+    return json_response({"models": loaded})
+
+
+#: ``created`` of the fake's OpenAI model objects (2024-01-01T00:00:00Z).
+_CREATED = 1_704_067_200
+
+
 async def _openai_models(request: web.Request) -> web.Response:
     models = request.app[STATE].settings.models
-    data = [{"id": name, "object": "model", "created": 0, "owned_by": "fake"} for name in models]
+    data = [{"id": name, "object": "model", "created": _CREATED, "owned_by": "fake-org"} for name in models]
     return json_response({"object": "list", "data": data})
 
 
@@ -386,11 +401,13 @@ def create_app(settings: FakeSettings) -> web.Application:
     app.router.add_get("/api/version", _ollama_version)
     app.router.add_get("/api/tags", _ollama_tags)
     app.router.add_post("/api/show", _ollama_show)
+    app.router.add_get("/api/ps", _ollama_ps)
     app.router.add_post("/api/chat", turn_handler(_OllamaChat()))
     app.router.add_post("/api/generate", turn_handler(_OllamaGenerate()))
     app.router.add_get("/v1/models", _openai_models)
     app.router.add_post("/v1/chat/completions", turn_handler(_OpenAIChat()))
     add_gemini_routes(app)
+    add_embedding_routes(app)
     app.router.add_post("/_fake/config", _configure)
     app.router.add_post("/_fake/faults", _queue_faults)
     app.router.add_get("/_fake/requests", _list_requests)

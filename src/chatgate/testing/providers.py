@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from chatgate.providers.base import Embeddings, EmbeddingsUnsupported
+
 
 class StubProvider:
     name: ClassVar[str] = "stub"
     default_model = "stub-model"
+
+    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+        raise EmbeddingsUnsupported("the stub provider does not do embeddings", provider=self.name)
 
     async def models(self) -> list[str]:
         return [self.default_model]
