@@ -20,6 +20,7 @@ from chatgate.store.memory import MemoryStore
 from chatgate.store.redis import PREFIX, RedisStore
 from chatgate.store.sqlite import MIGRATIONS, SqliteStore
 from chatgate.testing.servers import RedisServer
+from chatgate.vocabulary import ToolCall, ToolResult
 
 TTL = 100.0
 
@@ -112,7 +113,7 @@ async def test_messages_round_trip_with_partial_flag(store: ConversationStore) -
     assert conversation is not None
     assert conversation.messages == sent
     assert [m.partial for m in conversation.messages] == [False, False, True]
-    assert conversation.messages[0].as_prompt() == {"role": "system", "content": "be brief"}
+    assert conversation.messages[0].as_prompt() == [{"role": "system", "content": "be brief"}]
 
 
 async def test_owner_agent_and_title_are_recorded_at_creation(
@@ -656,6 +657,156 @@ async def test_cancelled_turn_writes_leave_store_usable(store: ConversationStore
     assert await contents(store, "c") == ["question", "last"]
 
 
+# Tool calls and tool results -------------------------------------------------------------
+
+CALLS: tuple[ToolCall, ...] = (
+    {"id": "call_1", "name": "weather", "arguments": '{"city": "Paris"}'},
+    {"id": "call_2", "name": "time", "arguments": "{}"},
+)
+RESULTS: tuple[ToolResult, ...] = (
+    {"tool_call_id": "call_1", "content": '{"sky": "blue ✓"}'},
+    {"tool_call_id": "call_2", "content": "12:00", "name": "time"},
+)
+
+
+def tool_turn(**kwargs: Any) -> StoredMessage:
+    return StoredMessage(role="tool", content="", tool_results=RESULTS, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["append", "end", "end after checkpoint"])
+async def test_an_answer_keeps_its_tool_calls(store: ConversationStore, path: str) -> None:
+    calling = assistant("", created_at=2.5, tool_calls=CALLS)
+    if path == "append":
+        await store.append("c", [user("weather?"), calling, assistant("later")])
+        expected = [user("weather?"), calling, assistant("later")]
+    else:
+        await store.begin_turn("c", "t1", user("weather?"))
+        if path == "end after checkpoint":
+            await store.checkpoint("c", "t1", "thinking")
+        await store.end_turn("c", "t1", calling)
+        expected = [user("weather?"), calling]
+
+    assert await store.window("c", 10) == expected
+    conversation = await store.get("c")
+    assert conversation is not None
+    assert conversation.messages == expected
+    assert conversation.messages[1].tool_calls == CALLS
+    assert conversation.messages[1].as_prompt() == [
+        {"role": "assistant", "content": "", "tool_calls": list(CALLS)}
+    ]
+
+
+async def test_a_tool_results_turn_round_trips(store: ConversationStore) -> None:
+    calling = assistant("", tool_calls=CALLS)
+    await store.begin_turn("c", "t1", user("weather?"), owner="alice")
+    await store.end_turn("c", "t1", calling)
+    await store.begin_turn("c", "t2", tool_turn(created_at=3.0), owner="alice")
+    await store.end_turn("c", "t2", assistant("Blue skies at noon.", created_at=4.0))
+
+    expected = [
+        user("weather?"),
+        calling,
+        tool_turn(created_at=3.0),
+        assistant("Blue skies at noon.", created_at=4.0),
+    ]
+    assert await store.window("c", 10) == expected
+    assert await store.window("c", 2) == expected[2:]
+    conversation = await store.get("c")
+    assert conversation is not None
+    assert conversation.messages == expected
+    assert conversation.messages[2].tool_results == RESULTS
+    assert (conversation.info.title, conversation.info.message_count) == ("weather?", 4)
+
+
+async def test_a_stored_tool_message_prompts_one_message_per_result(
+    store: ConversationStore,
+) -> None:
+    await store.begin_turn("c", "t1", tool_turn())
+    await store.end_turn("c", "t1", assistant("done"))
+
+    stored, _answer = await store.window("c", 10)
+    assert stored.as_prompt() == [
+        {"role": "tool", "content": '{"sky": "blue ✓"}', "tool_call_id": "call_1"},
+        {"role": "tool", "content": "12:00", "tool_call_id": "call_2", "name": "time"},
+    ]
+
+
+async def test_checkpoints_of_a_tool_results_turn(
+    store: ConversationStore, clock: FakeClock
+) -> None:
+    await store.append("c", [user("weather?"), assistant("", tool_calls=CALLS)])
+    await store.begin_turn("c", "t1", tool_turn())
+    for text in ("Blue", "Blue skies"):
+        clock.advance(1)
+        await store.checkpoint("c", "t1", text)
+    half = assistant("Blue skies", partial=True, created_at=clock.now)
+    assert (await store.window("c", 10))[2:] == [tool_turn(), half]
+    assert await store.interrupted("t1") == "c"
+
+    calling_again = assistant("", tool_calls=CALLS[1:])
+    await store.end_turn("c", "t1", calling_again)
+    assert (await store.window("c", 10))[2:] == [tool_turn(), calling_again]
+
+    await store.begin_turn("c", "t2", tool_turn())  # a turn taken back leaves no results
+    await store.checkpoint("c", "t2", "half")
+    await store.end_turn("c", "t2", None)
+    assert (await store.window("c", 10))[2:] == [tool_turn(), calling_again]
+    assert await open_turn_records(store) == 0
+
+
+async def test_a_stored_answer_does_not_share_the_callers_dicts(
+    store: ConversationStore,
+) -> None:
+    calls = [{"id": "call_1", "name": "weather", "arguments": ""}]
+    await store.begin_turn("c", "t1", user("weather?"))
+    await store.end_turn("c", "t1", assistant("", tool_calls=tuple(calls)))  # type: ignore[arg-type]
+    await store.append("c", [assistant("", tool_calls=tuple(calls))])  # type: ignore[arg-type]
+    calls[0]["arguments"] = "changed after the write"
+
+    _question, *answers = await store.window("c", 10)
+    assert [m.tool_calls[0]["arguments"] for m in answers] == ["", ""]
+
+
+async def test_redis_keeps_the_turn_id_last_and_reads_older_entries(
+    redis_server: RedisServer, clock: FakeClock
+) -> None:
+    url = f"{redis_server.url}/2"
+    client = redis.Redis.from_url(url)
+    await client.flushdb()
+    store = open_store(url, StoreLimits(ttl_s=TTL), clock)
+    await store.open()
+    try:
+        await store.begin_turn("c", "t1", tool_turn())
+        await store.end_turn("c", "t1", assistant("", tool_calls=CALLS))
+        await store.append("c", [assistant("", tool_calls=CALLS)])
+        entries = [orjson.loads(raw) for raw in await client.lrange(f"{PREFIX}m:c", 0, -1)]
+        assert [entry[4:] for entry in entries] == [
+            [{"tool_results": list(RESULTS)}, "t1"],
+            [{"tool_calls": list(CALLS)}, "t1"],
+            [{"tool_calls": list(CALLS)}],
+        ]
+
+        # Entries as chatgate wrote them before messages had tool fields, one an open turn's.
+        await store.delete("c")
+        await store.begin_turn("c", "old", user("placeholder"))
+        await client.delete(f"{PREFIX}m:c")
+        await client.rpush(
+            f"{PREFIX}m:c",
+            orjson.dumps(["user", "hi", False, 1.0]),
+            orjson.dumps(["user", "question", False, 2.0, "old"]),
+            orjson.dumps(["assistant", "half", True, 3.0, "old"]),
+        )
+        await store.end_turn("c", "old", assistant("whole", tool_calls=CALLS[:1]))
+        assert await store.window("c", 10) == [
+            user("hi", created_at=1.0),
+            user("question", created_at=2.0),
+            assistant("whole", tool_calls=CALLS[:1]),
+        ]
+    finally:
+        await store.close()
+        await client.aclose()
+
+
 async def test_redis_turn_keys_expire_with_their_conversation(
     redis_server: RedisServer, clock: FakeClock
 ) -> None:
@@ -679,50 +830,6 @@ async def test_redis_turn_keys_expire_with_their_conversation(
     finally:
         await store.close()
         await client.aclose()
-
-
-async def test_sqlite_migrates_a_version_two_database(tmp_path: Path, clock: FakeClock) -> None:
-    path = tmp_path / "v2.db"
-    db = sqlite3.connect(path)
-    db.executescript(
-        """
-        CREATE TABLE conversations (
-            id TEXT PRIMARY KEY, owner TEXT NULL, agent TEXT NOT NULL,
-            title TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, updated_at REAL NOT NULL);
-        CREATE TABLE messages (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            role TEXT NOT NULL, content TEXT NOT NULL, partial INTEGER NOT NULL DEFAULT 0,
-            created_at REAL NOT NULL);
-        CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
-        CREATE INDEX conversations_by_updated ON conversations(updated_at);
-        INSERT INTO conversations VALUES ('alice:c', 'alice', 'coder', 'hi', 1, 1);
-        INSERT INTO messages (conversation_id, role, content, partial, created_at)
-            VALUES ('alice:c', 'user', 'hi', 0, 1), ('alice:c', 'assistant', 'hel', 1, 2);
-        PRAGMA user_version = 2;
-        """
-    )
-    db.commit()
-    db.close()
-
-    store = open_store(f"sqlite:///{path}", StoreLimits(ttl_s=1e9), clock)
-    await store.open()
-    try:
-        before = [user("hi", created_at=1.0), assistant("hel", partial=True, created_at=2.0)]
-        conversation = await store.get("alice:c")
-        assert conversation is not None
-        assert conversation.messages == before
-        assert (conversation.info.owner, conversation.info.agent) == ("alice", "coder")
-        await store.begin_turn("alice:c", "alice/g", user("more"), owner="alice")
-        assert await store.interrupted("alice/g") == "alice:c"
-        await store.end_turn("alice:c", "alice/g", assistant("sure"))
-        assert await store.window("alice:c", 10) == [*before, user("more"), assistant("sure")]
-    finally:
-        await store.close()
-    with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
-        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
-    db.close()
 
 
 async def test_sqlite_persists_across_reopen(tmp_path: Path, clock: FakeClock) -> None:

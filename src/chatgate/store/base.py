@@ -27,12 +27,12 @@ conversation (only a crash leaves one behind).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 from urllib.parse import urlparse
 
-from chatgate.vocabulary import Role
+from chatgate.vocabulary import Message, Role, ToolCall, ToolResult, tool_messages
 
 Clock = Callable[[], float]
 
@@ -52,13 +52,58 @@ class StoreUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
+    """One message as stored. An assistant answer may hold the ``tool_calls`` it made; a
+    turn that answers tool calls is stored as one ``tool`` message holding every
+    ``tool_results`` of that turn (its ``content`` empty), so each turn begins with one
+    message whatever its kind."""
+
     role: Role
     content: str
     partial: bool = False
     created_at: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_results: tuple[ToolResult, ...] = ()
 
-    def as_prompt(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def as_prompt(self) -> list[Message]:
+        """The message as a prompt's messages: one, or one per tool result."""
+        if self.tool_results:
+            return tool_messages(list(self.tool_results))
+        message: Message = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = list(self.tool_calls)
+        return [message]
+
+    def tools_json(self) -> dict[str, list[ToolCall] | list[ToolResult]] | None:
+        """The tool fields as a JSON object for stores that keep them in one column or
+        field (None: the message has none)."""
+        fields: dict[str, list[ToolCall] | list[ToolResult]] = {}
+        if self.tool_calls:
+            fields["tool_calls"] = list(self.tool_calls)
+        if self.tool_results:
+            fields["tool_results"] = list(self.tool_results)
+        return fields or None
+
+    @classmethod
+    def from_tools_json(
+        cls,
+        role: str,
+        content: str,
+        partial: bool,
+        created_at: float,
+        tools: Mapping[str, Any] | None,
+    ) -> StoredMessage:
+        """The message a store reads back: ``tools`` is what :meth:`tools_json` gave, as
+        decoded JSON (None: no tool fields)."""
+        if not tools:
+            return cls(cast(Role, role), content, partial, created_at)
+        return cls(
+            cast(Role, role),
+            content,
+            partial,
+            created_at,
+            tool_calls=tuple(tools.get("tool_calls", ())),
+            tool_results=tuple(tools.get("tool_results", ())),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,10 @@ All methods run on the event loop without awaiting anything, so each one is atom
 and needs no lock. Reads skip expired conversations but leave deleting them to writes
 and :meth:`MemoryStore.purge_expired`, so purge counts match the other backends.
 
-An open turn holds its own copies of the messages it wrote, and finds them again by
-identity, searching from the newest message: they are almost always the last ones.
+Every write stores copies of the messages it is given, tool calls and results included,
+so a caller changing its objects later does not change history. An open turn finds its
+messages again by identity, searching from the newest message: they are almost always the
+last ones.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class MemoryStore:
         owner: str | None = None,
         agent: str = "general",
     ) -> None:
-        self._write(conversation_id, messages, owner, agent, self._clock())
+        self._write(conversation_id, [_own(m) for m in messages], owner, agent, self._clock())
 
     def _write(
         self,
@@ -132,7 +134,7 @@ class MemoryStore:
         agent: str = "general",
     ) -> None:
         self._close_turn(turn_id)
-        own = replace(user)
+        own = _own(user)
         entry, created = self._write(conversation_id, [own], owner, agent, self._clock())
         entry.open_turns[turn_id] = _OpenTurn(user=own, created=created)
         self._turns[turn_id] = conversation_id
@@ -160,7 +162,7 @@ class MemoryStore:
         entry, turn = found
         self._close_turn(turn_id)
         if answer is not None:
-            self._put_answer(entry, turn, replace(answer))
+            self._put_answer(entry, turn, _own(answer))
         else:
             for written in (turn.answer, turn.user):
                 position = _position(entry.messages, written)
@@ -278,6 +280,16 @@ class MemoryStore:
         else:
             entry.messages[position] = answer
         turn.answer = answer
+
+
+def _own(message: StoredMessage) -> StoredMessage:
+    """A copy of ``message`` the store alone holds: a new object (an open turn finds its
+    messages by identity) with its own tool call and result dicts."""
+    return replace(
+        message,
+        tool_calls=tuple(call.copy() for call in message.tool_calls),
+        tool_results=tuple(result.copy() for result in message.tool_results),
+    )
 
 
 def _position(messages: list[StoredMessage], message: StoredMessage | None) -> int | None:

@@ -5,8 +5,9 @@ Keys, under the ``chatgate:`` prefix::
 
     c:{id}        hash: owner (absent when anonymous), agent, title, created, updated,
                   turns (how many turns were begun: the order of open ones)
-    m:{id}        list of messages, oldest first, JSON [role, content, partial, created_at]
-                  with the turn id as a fifth element when a turn wrote the message
+    m:{id}        list of messages, oldest first, JSON [role, content, partial, created_at],
+                  then the tool fields as an object when the message has any
+                  (``StoredMessage.tools_json()``), then the turn id when a turn wrote it
     recent        sorted set: every conversation by its last write (eviction, purging)
     o:{owner}     sorted set per owner (``anon`` for anonymous callers): listing
     turn:{turn}   hash of an open turn: conversation, created ("1" when the turn made it)
@@ -21,7 +22,8 @@ against the other processes; windowed reads are one ``LRANGE`` of the window.
 A turn finds its messages by their turn id, scanning from the newest: they are almost
 always the last one or two, so only the last two entries are read unless another writer
 came in between. The id is matched as the entry's encoded tail, ``,"<turn id>"]``,
-which no other entry can end with, so nothing is decoded in Lua. The turn's answer is
+which no other entry can end with (the id is the only string that can come last), so
+nothing is decoded in Lua and no script counts an entry's elements. The turn's answer is
 its entry whose role is ``assistant``. Dropping a conversation drops its open turns, and
 every write refreshes their expiry with the conversation's.
 """
@@ -49,7 +51,6 @@ from chatgate.store.base import (
     register_store,
 )
 from chatgate.store.memory import title_of
-from chatgate.vocabulary import Role
 
 PREFIX = "chatgate:"
 #: Redis drops an idle conversation's keys this long after the idle limit.
@@ -296,8 +297,11 @@ def _reachable(method: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corou
 
 def _encode(message: StoredMessage, turn_id: str | None = None) -> bytes:
     fields: list[object] = [message.role, message.content, message.partial, message.created_at]
+    tools = message.tools_json()
+    if tools is not None:
+        fields.append(tools)
     if turn_id is not None:
-        fields.append(turn_id)
+        fields.append(turn_id)  # last: see _tag
     return orjson.dumps(fields)
 
 
@@ -307,8 +311,11 @@ def _tag(turn_id: str) -> bytes:
 
 
 def _decode(raw: bytes) -> StoredMessage:
-    role, content, partial, created_at, *_turn = orjson.loads(raw)
-    return StoredMessage(role=cast(Role, role), content=content, partial=partial, created_at=created_at)
+    """Told apart by type, the optional elements: the tool fields are an object, the turn
+    id a string (entries written before tool fields existed have no object)."""
+    role, content, partial, created_at, *rest = orjson.loads(raw)
+    tools = next((item for item in rest if isinstance(item, dict)), None)
+    return StoredMessage.from_tools_json(role, content, partial, created_at, tools)
 
 
 def _info(conversation_id: str, fields: dict[bytes, bytes], count: int) -> ConversationInfo:

@@ -26,6 +26,9 @@ so a checkpoint rewrites its answer by primary key. The row goes with its conver
 (``ON DELETE CASCADE``) and when the turn ends or the conversation is cleared. Message
 ids are never reused (``AUTOINCREMENT``), so an id whose message was trimmed away
 matches nothing rather than another message.
+
+A message's tool calls and results are one JSON object in ``messages.tools``
+(:meth:`StoredMessage.tools_json`), NULL when it has none.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
+import orjson
+
 from chatgate.store.base import (
     MAX_OPEN_TURNS,
     Clock,
@@ -47,7 +52,6 @@ from chatgate.store.base import (
     register_store,
 )
 from chatgate.store.memory import title_of
-from chatgate.vocabulary import Role
 
 URL_PREFIX = "sqlite:///"
 MEMORY_PATH = ":memory:"
@@ -109,15 +113,28 @@ def _add_open_turns(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX open_turns_by_conversation ON open_turns(conversation_id)")
 
 
+def _add_message_tools(db: sqlite3.Connection) -> None:
+    """Messages keep tool calls and results: JSON of ``StoredMessage.tools_json()``."""
+    db.execute("ALTER TABLE messages ADD COLUMN tools TEXT NULL")
+
+
 #: Applied in order; ``PRAGMA user_version`` counts those already applied. Append only.
-MIGRATIONS: list[Migration] = [_create_tables, _scope_ids_to_owners, _add_open_turns]
+MIGRATIONS: list[Migration] = [
+    _create_tables,
+    _scope_ids_to_owners,
+    _add_open_turns,
+    _add_message_tools,
+]
 
 _INFO = """SELECT c.id, c.owner, c.agent, c.created_at, c.updated_at,
     (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id), c.title
     FROM conversations c"""
 
-_INSERT_MESSAGE = """INSERT INTO messages (conversation_id, role, content, partial, created_at)
-    VALUES (?, ?, ?, ?, ?)"""
+_INSERT_MESSAGE = """INSERT INTO messages
+    (conversation_id, role, content, partial, created_at, tools) VALUES (?, ?, ?, ?, ?, ?)"""
+
+#: The columns :func:`_message` reads, in its order.
+_MESSAGE_COLUMNS = "role, content, partial, created_at, tools"
 
 
 def _info(row: Iterable[Any]) -> ConversationInfo:
@@ -134,9 +151,27 @@ def _info(row: Iterable[Any]) -> ConversationInfo:
 
 
 def _message(row: Iterable[Any]) -> StoredMessage:
-    role, content, partial, created_at = row
-    return StoredMessage(
-        role=cast(Role, role), content=content, partial=bool(partial), created_at=created_at
+    role, content, partial, created_at, tools = row
+    return StoredMessage.from_tools_json(
+        role, content, bool(partial), created_at, None if tools is None else orjson.loads(tools)
+    )
+
+
+def _tools(message: StoredMessage) -> str | None:
+    """The ``tools`` column of ``message``."""
+    tools = message.tools_json()
+    return None if tools is None else orjson.dumps(tools).decode()
+
+
+def _message_values(conversation_id: str, message: StoredMessage) -> tuple[Any, ...]:
+    """The values :data:`_INSERT_MESSAGE` takes."""
+    return (
+        conversation_id,
+        message.role,
+        message.content,
+        message.partial,
+        message.created_at,
+        _tools(message),
     )
 
 
@@ -221,10 +256,7 @@ class _Database:
         now: float,
     ) -> None:
         self._open_conversation(conversation_id, owner, agent, title_of(messages), now)
-        self._db.executemany(
-            _INSERT_MESSAGE,
-            [(conversation_id, m.role, m.content, m.partial, m.created_at) for m in messages],
-        )
+        self._db.executemany(_INSERT_MESSAGE, [_message_values(conversation_id, m) for m in messages])
         self._trim(conversation_id)
         self._evict(conversation_id)
 
@@ -294,7 +326,7 @@ class _Database:
 
     def window(self, conversation_id: str, max_messages: int, now: float) -> list[StoredMessage]:
         newest_first = self._db.execute(
-            """SELECT role, content, partial, created_at FROM messages
+            f"""SELECT {_MESSAGE_COLUMNS} FROM messages
             WHERE conversation_id = ? AND EXISTS (
                 SELECT 1 FROM conversations WHERE id = ? AND ? - updated_at <= ?)
             ORDER BY id DESC LIMIT ?""",
@@ -307,8 +339,7 @@ class _Database:
         if info is None:
             return None
         rows = self._db.execute(
-            """SELECT role, content, partial, created_at FROM messages
-            WHERE conversation_id = ? ORDER BY id""",
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
             (conversation_id,),
         )
         return Conversation(info=info, messages=[_message(row) for row in rows])
@@ -384,10 +415,7 @@ class _Database:
         )
 
     def _insert_message(self, conversation_id: str, message: StoredMessage) -> int:
-        cursor = self._db.execute(
-            _INSERT_MESSAGE,
-            (conversation_id, message.role, message.content, message.partial, message.created_at),
-        )
+        cursor = self._db.execute(_INSERT_MESSAGE, _message_values(conversation_id, message))
         return int(cast(int, cursor.lastrowid))
 
     def _open_turn(
@@ -414,9 +442,16 @@ class _Database:
         it was trimmed away)."""
         if answer_message_id is not None:
             rewritten = self._db.execute(
-                """UPDATE messages SET role = ?, content = ?, partial = ?, created_at = ?
-                WHERE id = ?""",
-                (answer.role, answer.content, answer.partial, answer.created_at, answer_message_id),
+                """UPDATE messages SET role = ?, content = ?, partial = ?, created_at = ?,
+                    tools = ? WHERE id = ?""",
+                (
+                    answer.role,
+                    answer.content,
+                    answer.partial,
+                    answer.created_at,
+                    _tools(answer),
+                    answer_message_id,
+                ),
             ).rowcount
             if rewritten:
                 return
