@@ -17,6 +17,7 @@ from chatgate.options import (
     MAX_STOP_SEQUENCES,
     OPTION_NAMES,
     OptionError,
+    parse_ollama_options,
     parse_options,
 )
 from chatgate.vocabulary import GenerationOptions
@@ -37,8 +38,27 @@ def test_nothing_set_is_the_default(data: Any) -> None:
 
 
 def test_unknown_options_are_ignored() -> None:
-    data = {"top_k": 20, "repeat_penalty": 1.1, "num_gpu": -1, "mirostat": "x", "temperature": 0.5}
+    data = {"repeat_penalty": 1.1, "num_gpu": -1, "mirostat": "x", "temperature": 0.5}
     assert parse_options(data) == GenerationOptions(temperature=0.5)
+
+
+def test_ollamas_other_options_are_kept_for_an_ollama_upstream() -> None:
+    data = {"top_k": 20, "repeat_penalty": 1.1, "num_gpu": -1, "mirostat": None, "temperature": 0.5}
+    assert parse_ollama_options(data) == GenerationOptions(
+        temperature=0.5, top_k=20, ollama_extra=(("repeat_penalty", 1.1), ("num_gpu", -1))
+    )
+    with pytest.raises(OptionError) as raised:
+        parse_ollama_options({"num_gpu": {"nested": 1}})
+    assert raised.value.field == "options.num_gpu"
+
+
+def test_penalties_are_checked() -> None:
+    assert parse_options({"frequency_penalty": -2, "presence_penalty": 1.5}) == GenerationOptions(
+        frequency_penalty=-2.0, presence_penalty=1.5
+    )
+    with pytest.raises(OptionError) as raised:
+        parse_options({"presence_penalty": 3})
+    assert raised.value.field == "options.presence_penalty"
 
 
 @pytest.mark.parametrize("data", [[], [1], "hot", 5, True])
@@ -230,7 +250,7 @@ def test_all_options_together() -> None:
         "top_k": 20,
     }
     assert parse_options(data) == GenerationOptions(
-        temperature=0.2, max_tokens=6, num_ctx=2048, top_p=0.9, stop=("END",), seed=-7
+        temperature=0.2, max_tokens=6, num_ctx=2048, top_p=0.9, stop=("END",), seed=-7, top_k=20
     )
 
 

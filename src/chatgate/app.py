@@ -16,7 +16,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chatgate import __version__
-from chatgate.api import embeddings, http, ollama_compat, openai_compat, ws
+from chatgate.api import (
+    embeddings,
+    http,
+    ollama_compat,
+    openai_compat,
+    openai_completions,
+    openai_responses,
+    ws,
+)
 from chatgate.api.auth import Access, Authentication
 from chatgate.api.browsers import AllowedHosts, JsonBodiesOnly, boundary_of
 from chatgate.api.errors import error_response, handle_chat_error, handle_http_exception, shape_of
@@ -108,6 +116,8 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.include_router(http.router)
     app.include_router(embeddings.router)  # before the compat APIs' unknown-path routes
+    app.include_router(openai_responses.router)
+    app.include_router(openai_completions.router)
     app.include_router(openai_compat.router)
     app.include_router(ollama_compat.router)
     return app

@@ -17,15 +17,20 @@ Names accepted (native, Ollama and OpenAI alike)::
     seed                             an integer in the signed 64-bit range
     stop                             a string, or a list of at most 16 non-empty strings,
                                      each of at most 256 characters
+    frequency_penalty                a number from -2 to 2
+    presence_penalty                 a number from -2 to 2
+    top_k                            an integer from 1 to 2**31-1
 
 Numbers must be JSON numbers: ``true`` or ``"5"`` is refused, and an integer field takes
 a float only when it is integral and exact (``5.0`` is 5; ``1e30`` is refused, as is any
-float beyond 2**53, which may be a rounded larger integer). ``null`` means unset. Other names are ignored: Ollama clients send many options (``top_k``,
-``repeat_penalty``, ``num_gpu``…) that chatgate does not forward.
+float beyond 2**53, which may be a rounded larger integer). ``null`` means unset. Other
+names in Ollama's ``options`` (``repeat_penalty``, ``num_gpu``, ``mirostat``…) are kept as
+they are by :func:`parse_ollama_options` and passed to an Ollama upstream only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +48,14 @@ MAX_STOP_CHARS = 256
 #: The names of the maximum answer length, in order of precedence.
 MAX_TOKENS_NAMES = ("max_completion_tokens", "max_tokens", "num_predict")
 #: Every name :func:`parse_options` reads.
-OPTION_NAMES = ("temperature", "top_p", *MAX_TOKENS_NAMES, "num_ctx", "seed", "stop")
+OPTION_NAMES = (
+    "temperature", "top_p", *MAX_TOKENS_NAMES, "num_ctx", "seed", "stop",
+    "frequency_penalty", "presence_penalty", "top_k",
+)
+PENALTY_MIN, PENALTY_MAX = -2.0, 2.0
+#: How many of Ollama's other options one request may carry, and how long a name may be.
+MAX_OLLAMA_EXTRA = 64
+MAX_OPTION_NAME_CHARS = 64
 #: A float stands for an integer only up to here: beyond, it is already rounded (a JSON
 #: parser reads an integer too large for 64 bits as a float: -2**63-1 arrives as -2**63).
 MAX_EXACT_FLOAT = 2**53
@@ -86,7 +98,27 @@ def parse_options(data: Mapping[str, Any] | None, *, where: str = "options") -> 
         top_p=_number(data, "top_p", name("top_p"), TOP_P_MIN, TOP_P_MAX),
         stop=_stop(data.get("stop"), name("stop")),
         seed=_integer(data, "seed", name("seed"), INT64_MIN, INT64_MAX),
+        frequency_penalty=_number(data, "frequency_penalty", name("frequency_penalty"), PENALTY_MIN, PENALTY_MAX),
+        presence_penalty=_number(data, "presence_penalty", name("presence_penalty"), PENALTY_MIN, PENALTY_MAX),
+        top_k=_integer(data, "top_k", name("top_k"), 1, INT32_MAX),
     )
+
+
+def parse_ollama_options(data: Mapping[str, Any] | None) -> GenerationOptions:
+    """Ollama's ``options``: the common ones as :func:`parse_options` reads them, and the
+    others kept, as JSON scalars, for an Ollama upstream."""
+    options = parse_options(data)
+    if not data:
+        return options
+    extra = [(key, value) for key, value in data.items() if key not in OPTION_NAMES]
+    if len(extra) > MAX_OLLAMA_EXTRA:
+        raise OptionError("options", f"options holds more than {MAX_OLLAMA_EXTRA} settings")
+    for key, value in extra:
+        if len(key) > MAX_OPTION_NAME_CHARS or not (
+            value is None or isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= MAX_STOP_CHARS)
+        ):
+            raise OptionError(f"options.{key[:MAX_OPTION_NAME_CHARS]}", f"options.{key[:MAX_OPTION_NAME_CHARS]} must be a number, a boolean or a short string")
+    return dataclasses.replace(options, ollama_extra=tuple((k, v) for k, v in extra if v is not None))
 
 
 def _number(data: Mapping[str, Any], key: str, field: str, low: float, high: float) -> float | None:

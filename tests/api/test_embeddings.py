@@ -72,7 +72,7 @@ def test_openai_base64_is_float32_little_endian(gw: RunningGateway) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"input": [[1, 2, 3]]}, "input"), ({"input": []}, "input"), ({"dimensions": 4}, "dimensions")],
+    [({"input": [[1, 2, 3]]}, "input"), ({"input": []}, "input"), ({"dimensions": 0}, "dimensions")],
 )
 def test_openai_refusals_are_400_in_openai_shape(gw: RunningGateway, extra: dict[str, Any], param: str) -> None:
     response = httpx.post(gw.url + "/v1/embeddings", json={"model": "fake-model", "input": "x", **extra})
@@ -188,3 +188,23 @@ def test_embeddings_need_the_api_key(start_gateway: Any, path: str) -> None:
         allowed = httpx.post(gw.url + path, json=body, headers={"Authorization": "Bearer k1"})
     assert refused.status_code == 401
     assert allowed.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("adapter", "sent_as"),
+    [("ollama", "dimensions"), ("openai", "dimensions"), ("gemini", "outputDimensionality")],
+)
+async def test_dimensions_reach_the_upstream(start_gateway: Any, fake: FakeLLM, adapter: str, sent_as: str) -> None:
+    settings: dict[str, Any] = {
+        "ollama": {"provider": "ollama", "ollama_host": fake.url},
+        "openai": {"provider": "openai", "openai_base_url": fake.url + "/v1"},
+        "gemini": {"provider": "gemini", "gemini_base_url": fake.url, "gemini_api_key": "k"},
+    }[adapter]
+    with start_gateway(**settings) as gw:
+        async with AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=10) as client:
+            result = await client.embeddings.create(model="fake-embedder", input=TEXTS, dimensions=4)
+        body = httpx.post(gw.url + "/api/embed", json={"model": "fake-embedder", "input": "x", "dimensions": 3}).json()
+    assert [item.embedding for item in result.data] == [fake_vector(text)[:4] for text in TEXTS]
+    assert body["embeddings"] == [fake_vector("x")[:3]]
+    sent = last_request(fake)["body"]
+    assert (sent["requests"][0] if adapter == "gemini" else sent)[sent_as] == 3

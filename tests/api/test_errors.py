@@ -52,7 +52,7 @@ def test_an_oversized_body_is_refused_in_its_apis_shape(gw: RunningGateway) -> N
 
 
 @pytest.mark.parametrize(
-    ("method", "path"), [("POST", "/v1/responses"), ("GET", "/v1/nothing")]
+    ("method", "path"), [("POST", "/v1/assistants"), ("GET", "/v1/nothing")]
 )
 def test_an_unknown_openai_route_is_a_404_in_openais_shape(gw: RunningGateway, method: str, path: str) -> None:
     response = httpx.request(method, f"{gw.url}{path}", json={})
@@ -83,7 +83,7 @@ def test_the_openai_package_raises_not_found_for_an_unknown_route(gw: RunningGat
 
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError) as raised:
-        client.post("/responses", body={"model": "fake-model", "input": "hi"}, cast_to=object)
+        client.post("/assistants", body={"model": "fake-model"}, cast_to=object)
     assert raised.value.status_code == 404
     assert raised.value.body == {
-        "message": "Invalid URL (POST /v1/responses)", "type": "invalid_request_error", "param": None, "code": None}
+        "message": "Invalid URL (POST /v1/assistants)", "type": "invalid_request_error", "param": None, "code": None}

@@ -91,7 +91,7 @@ async def test_options_are_mapped(client: ollama.AsyncClient, fake: FakeLLM) -> 
         "seed": 7,
     }
     await client.chat(model="fake-model", messages=HELLO, options={**options, "top_k": 20})
-    assert sent_body(fake)["options"] == options
+    assert sent_body(fake)["options"] == {**options, "top_k": 20}
     await client.generate(
         model="fake-model", prompt="hi", options={"num_predict": -1, "temperature": 0}
     )
@@ -171,7 +171,7 @@ async def test_unknown_model_is_404(client: ollama.AsyncClient) -> None:
         (
             "/api/chat",
             {"model": "fake-model", "messages": HELLO, "tools": [{"type": "function"}]},
-            "tools",
+            "tools.0.function",
         ),
         (
             "/api/chat",

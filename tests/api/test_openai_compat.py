@@ -115,7 +115,7 @@ async def test_unknown_model_is_not_found(client: AsyncOpenAI) -> None:
     ("extra", "param"),
     [
         ({"n": 2}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
         ({"temperature": 7}, "temperature"),
         (
@@ -146,7 +146,7 @@ async def test_unknown_model_is_not_found(client: AsyncOpenAI) -> None:
         ),
         (
             {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]},
-            "messages.0.role",
+            "messages.0.tool_call_id",
         ),
     ],
     ids=["n", "tools", "functions", "temperature", "image", "last-not-user", "tool-message"],
@@ -373,3 +373,47 @@ async def test_rate_limit_is_429_with_retry_after(start_gateway: Any) -> None:
                 await client.chat.completions.create(model="fake-model", messages=HELLO)
     assert raised.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     assert 1 <= int(raised.value.response.headers["retry-after"]) <= 60
+
+
+async def test_penalties_reach_the_upstream_and_what_cannot_is_refused(client: AsyncOpenAI, fake: FakeLLM) -> None:
+    await client.chat.completions.create(
+        model="fake-model", messages=HELLO, frequency_penalty=0.5, presence_penalty=-0.5, user="someone"
+    )
+    options = sent_body(fake)["options"]
+    assert options["frequency_penalty"] == 0.5 and options["presence_penalty"] == -0.5
+    sent = len(fake.requests())
+    for extra, param in (
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(model="fake-model", messages=HELLO, **extra)  # type: ignore[call-overload]
+        assert raised.value.body["param"] == param  # type: ignore[index]
+    assert len(fake.requests()) == sent
+
+
+async def test_legacy_text_completions(client: AsyncOpenAI, fake: FakeLLM) -> None:
+    completion = await client.completions.create(model="fake-model", prompt="Once upon a time", max_tokens=5)
+    assert completion.object == "text_completion" and completion.id.startswith("cmpl-")
+    assert completion.choices[0].text == fake_reply(5)
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+    assert sent_body(fake)["messages"] == [{"role": "user", "content": "Once upon a time"}]
+
+    stream = await client.completions.create(
+        model="fake-model", prompt="Once", stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == fake_reply(40)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
+
+    for extra, param in (({"suffix": "end"}, "suffix"), ({"echo": True}, "echo"), ({"n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.completions.create(model="fake-model", prompt="x", **extra)  # type: ignore[call-overload]
+        assert raised.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as raised:
+        await client.completions.create(model="fake-model", prompt=["one", "two"])
+    assert raised.value.body["param"] == "prompt"  # type: ignore[index]

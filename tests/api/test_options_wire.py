@@ -130,6 +130,7 @@ def test_ws_valid_options_reach_the_upstream_under_ollamas_names(
         "top_p": 1.0,
         "stop": ["END"],
         "seed": -INT64 - 1,
+        "top_k": 20,
     }
 
 
@@ -269,6 +270,9 @@ def test_ollama_valid_options_reach_the_upstream(gw: RunningGateway, fake: FakeL
         "top_p": 0.5,
         "stop": ["\n\n"],
         "seed": 3,
+        "top_k": 40,
+        "repeat_penalty": 1.1,
+        "num_gpu": -1,
     }
 
 

@@ -25,7 +25,7 @@ OPERATIONS = [
     pytest.param("POST", "/chat", id="POST /chat"),
     *(
         pytest.param("POST", path, id=f"POST {path}")
-        for path in ("/v1/chat/completions", "/api/chat", "/api/generate", "/api/show")
+        for path in ("/v1/chat/completions", "/v1/completions", "/api/chat", "/api/generate", "/api/show")
     ),
     *(
         pytest.param("GET", path, id=f"GET {path}")

@@ -269,3 +269,28 @@ async def test_two_subscribers_get_the_same_unchanged_deltas_when_one_is_behind(
     assert ahead_events == [copy for _, copy in handed["behind"]]
     assert deltas(ahead_events) == [(1, "a"), (2, "bc"), (3, "d")]
     assert "".join(str(text) for _, text in deltas(ahead_events)) == generation.text == "abcd"
+
+
+async def test_tool_call_pieces_share_seq_with_deltas_and_gather_whole_calls() -> None:
+    from chatgate.vocabulary import ToolCallDelta
+
+    generation = Generation(id="g", conversation_id="c", agent="general", model="m")
+    generation.emit_delta("Let me look.")
+    generation.read_from(0)  # the delta has been seen: pieces may not join it
+    generation.emit_tool_call(ToolCallDelta(0, None, "get_weather", '{"ci'))
+    generation.emit_tool_call(ToolCallDelta(0, None, None, 'ty": "Paris"}'))
+    generation.emit_tool_call(ToolCallDelta(1, "given", "get_time", "{}"))
+    pieces = [e for e in generation.log if e["type"] == "tool_call"]
+    # Unseen pieces of the same call join, as deltas do; a new call starts a new event.
+    assert [(p["seq"], p["index"], p["arguments"]) for p in pieces] == [
+        (2, 0, '{"city": "Paris"}'), (3, 1, "{}")
+    ]
+    assert pieces[0]["call_id"] == "call_g_0" and pieces[1]["call_id"] == "given"
+    assert generation.tool_calls == [
+        {"id": "call_g_0", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"id": "given", "name": "get_time", "arguments": "{}"},
+    ]
+    replica = Generation(id="g", conversation_id="c", agent="general", model="m", replica=True)
+    for event in generation.log:
+        replica.replay(event)
+    assert replica.tool_calls == generation.tool_calls and replica.seq == 3

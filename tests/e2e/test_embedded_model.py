@@ -64,3 +64,26 @@ async def test_auto_never_swaps_a_configured_ollama_for_the_embedded_model(
 async def test_auto_picks_ollama_when_it_answers(start_gateway: Any) -> None:
     with start_gateway(provider="auto") as gw:
         assert gw.gateway.provider.name == "ollama"
+
+
+async def test_embedded_model_refuses_tools_and_answers_json(start_gateway: Any) -> None:
+    import openai
+
+    with start_gateway(provider="local", model=None, num_ctx=2048) as gw:
+        client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+        with pytest.raises(openai.BadRequestError) as raised:
+            await client.chat.completions.create(
+                model="local", messages=[{"role": "user", "content": "time?"}], tools=[tool]  # type: ignore[list-item]
+            )
+        assert "does not support tool calling" in str(raised.value)
+        schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+        completion = await client.chat.completions.create(
+            model="local",
+            messages=[{"role": "user", "content": "Name a colour."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}},
+            max_tokens=40,
+            temperature=0,
+        )
+        answer = orjson.loads(completion.choices[0].message.content or "")
+        assert isinstance(answer, dict) and isinstance(answer["colour"], str)

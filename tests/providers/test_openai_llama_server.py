@@ -20,7 +20,7 @@ from chatgate.providers._http import new_session
 from chatgate.providers.base import ProviderRequest
 from chatgate.providers.local import default_model_path
 from chatgate.providers.openai import OpenAIProvider
-from chatgate.vocabulary import GenerationOptions
+from chatgate.vocabulary import GenerationOptions, OutputFormat
 
 pytestmark = pytest.mark.slow
 
@@ -106,3 +106,16 @@ async def test_streams_an_answer(provider: OpenAIProvider) -> None:
     assert all(chunk.text for chunk in texts)
     assert final.finish_reason in ("stop", "length")
     print(f"\nllama_cpp.server answered: {''.join(c.text for c in texts)!r} ({final.usage})")
+
+
+async def test_json_mode_reaches_llama_cpp_and_the_answer_parses(provider: OpenAIProvider) -> None:
+    """``json_object`` only: llama-cpp-python's server refuses OpenAI's ``json_schema``
+    (it takes a schema in its own extension of ``json_object``)."""
+    request = ProviderRequest(
+        messages=[{"role": "user", "content": "Give the capital of France as a JSON object."}],
+        model="",
+        options=GenerationOptions(max_tokens=48, temperature=0),
+        output=OutputFormat("json"),
+    )
+    chunks = [chunk async for chunk in provider.stream(request)]
+    assert isinstance(json.loads("".join(chunk.text for chunk in chunks)), dict)

@@ -33,7 +33,7 @@ from chatgate.chat.events import ChatError, DoneEvent, Event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import CONVERSATION_ID, Turn
 from chatgate.providers.base import ProviderError
-from chatgate.vocabulary import GenerationOptions, Message
+from chatgate.vocabulary import GenerationOptions, Message, OutputFormat, ToolResult, Tools
 
 if TYPE_CHECKING:
     from chatgate.gateway import Gateway
@@ -157,20 +157,29 @@ def make_turn(
     options: GenerationOptions,
     owner: str | None,
     conversation_id: str | None,
+    tools: Tools | None = None,
+    output: OutputFormat | None = None,
 ) -> Turn:
-    """The last message is the turn's; the ones before it are the client's history.
+    """The last message is the turn's (or the trailing ``tool`` messages, answering the
+    calls of the assistant message before them); the ones before are the client's history.
 
     With a conversation id the server remembers: its stored window is the history,
-    unless the client sent a conversation of its own (more than one non-system message).
-    With ``agent:<name>`` a system message the agent does not allow is refused, whether or
-    not it would have been sent.
+    unless the client sent a conversation of its own (a non-system message before the
+    turn's). With ``agent:<name>`` a system message the agent does not allow is refused,
+    whether or not it would have been sent.
     """
-    if not messages or messages[-1]["role"] != "user":
-        raise RequestError("the last message must be a user message", param="messages")
-    message = messages[-1]["content"]
+    results = _trailing_tool_results(messages)
+    if results:
+        turn_messages, message = len(results), ""
+        size = sum(len(result["content"].encode()) for result in results)
+    else:
+        if not messages or messages[-1]["role"] != "user":
+            raise RequestError("the last message must be a user message (or tool results)", param="messages")
+        turn_messages, message = 1, messages[-1]["content"]
+        size = len(message.encode())
     gateway = gateway_of(request)
     limit = SizeLimits.of(gateway.settings).message_bytes
-    if len(message.encode()) > limit:
+    if size > limit:
         raise ChatError("too_large", f"the last message is larger than {limit} bytes")
     agent = agent_of(model)
     if agent is not None:
@@ -178,9 +187,11 @@ def make_turn(
         refused = refused_system_message(chosen, messages)
         if refused is not None:
             raise RequestError(client_system_refusal(chosen), param=f"messages.{refused}.role")
-    history: list[Message] | None = messages[:-1]
+    history: list[Message] | None = messages[:-turn_messages]
+    if results:
+        _check_answered(messages, len(messages) - turn_messages)
     remember = conversation_id is not None
-    if remember and sum(m["role"] != "system" for m in messages) <= 1:
+    if remember and not any(m["role"] != "system" for m in messages[:-turn_messages]):
         history = None
     return Turn(
         message=message,
@@ -193,7 +204,37 @@ def make_turn(
         history=history,
         remember=remember,
         apply_agent_prompt=agent is not None,
+        tool_results=results or None,
+        tools=tools,
+        output=output,
     )
+
+
+def _check_answered(messages: list[Message], first: int) -> None:
+    """The tool messages from ``first`` on must answer calls of the assistant message just
+    before them: an upstream refuses results it cannot match, later and less clearly."""
+    before = messages[first - 1] if first > 0 else None
+    calls = {call["id"] for call in before.get("tool_calls", ())} if before and before["role"] == "assistant" else set()
+    for i in range(first, len(messages)):
+        if messages[i].get("tool_call_id") not in calls:
+            raise RequestError(
+                "this tool message answers no tool call of the assistant message before it",
+                param=f"messages.{i}.tool_call_id",
+            )
+
+
+def _trailing_tool_results(messages: list[Message]) -> list[ToolResult]:
+    """The tool messages that end ``messages``, as the turn's results, in order."""
+    results: list[ToolResult] = []
+    for message in reversed(messages):
+        if message["role"] != "tool":
+            break
+        result: ToolResult = {"tool_call_id": message.get("tool_call_id", ""), "content": message["content"]}
+        if "name" in message:
+            result["name"] = message["name"]
+        results.append(result)
+    results.reverse()
+    return results
 
 
 async def upstream_model(gateway: Gateway, name: str) -> str:

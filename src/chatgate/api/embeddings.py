@@ -25,6 +25,7 @@ from chatgate.api.errors import ORJSONResponse, RequestError
 router = APIRouter()
 #: OpenAI's own cap on the texts of one request.
 MAX_INPUTS = 2048
+MAX_DIMENSIONS = 65536
 
 
 def _texts(value: Any, param: str) -> list[str]:
@@ -49,6 +50,17 @@ def _model(data: dict[str, Any]) -> str:
     return model
 
 
+def _dimensions(data: dict[str, Any]) -> int | None:
+    """``dimensions``: passed to the upstream, which shortens the vectors of models trained
+    for it (and refuses it for others)."""
+    value = data.get("dimensions")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIMENSIONS:
+        raise RequestError(f"dimensions must be an integer from 1 to {MAX_DIMENSIONS}", param="dimensions")
+    return value
+
+
 def _client(request: Request) -> str | None:
     return request.client.host if request.client else None
 
@@ -67,10 +79,8 @@ async def openai_embeddings(request: Request) -> Response:
     encoding = data.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise RequestError("encoding_format must be 'float' or 'base64'", param="encoding_format")
-    if data.get("dimensions") is not None:
-        raise RequestError("dimensions is not supported; the upstream model's own size is used", param="dimensions")
     embeddings = await compat.gateway_of(request).service.embed(
-        model, texts, owner=caller(request), client=_client(request)
+        model, texts, dimensions=_dimensions(data), owner=caller(request), client=_client(request)
     )
     encode = float32_base64 if encoding == "base64" else None
     items = [
@@ -95,7 +105,7 @@ async def ollama_embed(request: Request) -> Response:
     model = _model(data)
     texts = _texts(data.get("input"), "input")
     embeddings = await compat.gateway_of(request).service.embed(
-        model, texts, owner=caller(request), client=_client(request)
+        model, texts, dimensions=_dimensions(data), owner=caller(request), client=_client(request)
     )
     return ORJSONResponse(
         {

@@ -11,11 +11,12 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, StrictBool
+from pydantic import BaseModel, Field, StrictBool, model_validator
 
 from chatgate.api.auth import authenticated, caller, ticket_for
-from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, error_response
+from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, RequestError, error_response
 from chatgate.api.responses import GenerationResponse, first_outcome, run_to_end
+from chatgate.api.tooling import parse_response_format, parse_tool_results, parse_tools
 from chatgate.chat.events import ChatError, ErrorEvent, Event
 from chatgate.chat.service import Turn
 from chatgate.providers.base import ProviderError
@@ -32,12 +33,39 @@ def gateway_of(request: Request) -> Gateway:
     return gateway
 
 
+class ToolResultBody(BaseModel):
+    tool_call_id: str = Field(min_length=1, max_length=256)
+    content: Any = None
+    name: str | None = None
+
+
 class ChatBody(BaseModel):
-    message: str = Field(min_length=1, max_length=4000)
+    """A user's ``message``, or ``tool_results`` answering the calls of the conversation's
+    last answer; ``tools``, ``tool_choice``, ``parallel_tool_calls`` and
+    ``response_format`` as in OpenAI's chat completions."""
+
+    message: str | None = Field(default=None, min_length=1, max_length=4000)
     agent: str = Field(default="general", max_length=128)
     # A JSON boolean only: 0.0 or "yes" is a client bug worth a 422, not a guess.
     stream: StrictBool = False
     conversation_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._~-]{1,128}$")
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    tool_results: list[ToolResultBody] | None = Field(default=None, min_length=1)
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ChatBody:
+        if (self.message is None) == (self.tool_results is None):
+            raise ValueError("send either message or tool_results")
+        return self
+
+
+class ToolCallBody(BaseModel):
+    id: str
+    name: str
+    arguments: str
 
 
 class ChatReply(BaseModel):
@@ -45,6 +73,8 @@ class ChatReply(BaseModel):
     conversation_id: str | None = None
     model: str | None = None
     provider: str | None = None
+    finish_reason: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class ErrorBody(BaseModel):
@@ -82,16 +112,30 @@ def encode_sse(event: Event) -> bytes:
 )
 async def chat(body: ChatBody, request: Request) -> Response:
     gateway = gateway_of(request)
+    tools = parse_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    sse = "text/event-stream" in request.headers.get("accept", "")
+    if tools is not None and body.stream and not sse:
+        raise RequestError(
+            "a plain-text stream cannot carry tool calls: ask for Server-Sent Events "
+            "(Accept: text/event-stream) or the JSON answer",
+            param="stream",
+        )
+    results = (
+        parse_tool_results([r.model_dump(exclude_none=True) for r in body.tool_results])
+        if body.tool_results else None
+    )
     turn = Turn(
-        message=body.message,
+        message=body.message or "",
         conversation_id=body.conversation_id,
         agent=body.agent,
         owner=caller(request),
         client=request.client.host if request.client else None,
+        tool_results=results,
+        tools=tools,
+        output=parse_response_format(body.response_format),
     )
     generation = await gateway.service.start(turn)
     headers = {"X-Conversation-Id": generation.conversation_id}
-    sse = "text/event-stream" in request.headers.get("accept", "")
     if body.stream or sse:
         index, first = await first_outcome(request.receive, generation)
         if first["type"] == "error":
@@ -109,13 +153,16 @@ async def chat(body: ChatBody, request: Request) -> Response:
     end = await run_to_end(request.receive, generation)
     if end["type"] == "error":
         return _upstream_failure(end, generation.conversation_id)
-    reply = ChatReply(
-        reply=generation.text,
-        conversation_id=generation.conversation_id,
-        model=generation.model,
-        provider=gateway.provider.name,
-    )
-    return ORJSONResponse(reply.model_dump(), headers=headers)
+    reply: dict[str, Any] = {
+        "reply": generation.text,
+        "conversation_id": generation.conversation_id,
+        "model": generation.model,
+        "provider": gateway.provider.name,
+    }
+    if end.get("tool_calls"):  # only then: the Pi Agent contract's reply has four fields
+        reply["finish_reason"] = end["finish_reason"]
+        reply["tool_calls"] = end["tool_calls"]
+    return ORJSONResponse(reply, headers=headers)
 
 
 async def _check(probe: Any, limit_s: float) -> dict[str, Any]:
@@ -204,7 +251,10 @@ async def get_conversation(conversation_id: str, request: Request) -> dict[str, 
     return {
         **_info(conversation.info),
         "messages": [
-            {"role": m.role, "content": m.content, "partial": m.partial, "created_at": m.created_at}
+            {
+                "role": m.role, "content": m.content, "partial": m.partial, "created_at": m.created_at,
+                **(m.tools_json() or {}),
+            }
             for m in conversation.messages
         ],
     }

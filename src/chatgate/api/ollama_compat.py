@@ -17,7 +17,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
-from chatgate.api import catalog, compat
+from chatgate.api import catalog, compat, tooling
 from chatgate.api.auth import caller
 from chatgate.api.errors import ORJSONResponse, RequestError
 from chatgate.chat.events import DoneEvent, Event
@@ -33,9 +33,9 @@ from chatgate.options import (
     TOP_P_MAX,
     TOP_P_MIN,
     OptionError,
-    parse_options,
+    parse_ollama_options,
 )
-from chatgate.vocabulary import GenerationOptions, Message
+from chatgate.vocabulary import GenerationOptions, Message, OutputFormat, ToolCall, Tools
 
 #: The Ollama release whose API these routes follow; clients gate features on it.
 OLLAMA_API_VERSION = "0.6.0"
@@ -73,11 +73,45 @@ OptionsObject = Annotated[
 ]
 
 
+class CallFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: dict[str, Any] | str = {}
+
+
+class ToolCallBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    function: CallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = Field(None, max_length=0)
+    tool_calls: list[ToolCallBody] | None = None
+    #: The tool a ``tool`` message answers (``name`` in older clients).
+    tool_name: str | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: FunctionTool
+
+
+#: ``format``: ``"json"`` or a JSON schema for the answer.
+FormatField = Annotated[
+    str | dict[str, Any] | None,
+    WithJsonSchema({"anyOf": [{"type": "string", "enum": ["", "json"]}, {"type": "object"}, {"type": "null"}]}),
+]
 
 
 class ChatRequest(BaseModel):
@@ -86,7 +120,8 @@ class ChatRequest(BaseModel):
     messages: list[ChatMessage] = []
     stream: bool | None = None
     options: OptionsObject = None
-    tools: list[Any] | None = Field(None, max_length=0)
+    tools: list[ToolBody] | None = None
+    format: FormatField = None
 
 
 class GenerateRequest(BaseModel):
@@ -97,6 +132,7 @@ class GenerateRequest(BaseModel):
     stream: bool | None = None
     options: OptionsObject = None
     images: list[str] | None = Field(None, max_length=0)
+    format: FormatField = None
 
 
 class ShowRequest(BaseModel):
@@ -112,6 +148,7 @@ class ErrorBody(BaseModel):
 class AnswerMessage(BaseModel):
     role: Literal["assistant"]
     content: str
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class Answer(BaseModel):
@@ -210,7 +247,7 @@ def _final(model: str, content: Content, text: str, done: DoneEvent) -> dict[str
         content,
         text,
         done=True,
-        done_reason="length" if done["finish_reason"] == "length" else "stop",
+        done_reason="length" if done["finish_reason"] == "length" else "stop",  # Ollama's for calls too
         total_duration=round(total_ms * 1e6),
         load_duration=0,
         prompt_eval_count=done["usage"]["prompt_tokens"],
@@ -220,8 +257,22 @@ def _final(model: str, content: Content, text: str, done: DoneEvent) -> dict[str
     )
 
 
+def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Tool calls as Ollama sends them: arguments as an object (``{}`` when the model's
+    text was not a JSON object)."""
+    shaped = []
+    for call in calls:
+        try:
+            arguments = orjson.loads(call["arguments"] or "{}")
+        except orjson.JSONDecodeError:
+            arguments = {}
+        shaped.append({"function": {"name": call["name"], "arguments": arguments if isinstance(arguments, dict) else {}}})
+    return shaped
+
+
 class LineEncoder:
-    """Native events → Ollama's NDJSON lines for one answer."""
+    """Native events → Ollama's NDJSON lines for one answer. Ollama sends a tool call
+    whole, so its pieces are held and sent as one line before the last."""
 
     def __init__(self, model: str, content: Content) -> None:
         self.model = model
@@ -231,7 +282,13 @@ class LineEncoder:
         if event["type"] == "delta":
             return orjson.dumps(_line(self.model, self.content, event["text"], done=False)) + b"\n"
         if event["type"] == "done":
-            return orjson.dumps(_final(self.model, self.content, "", event)) + b"\n"
+            final = orjson.dumps(_final(self.model, self.content, "", event)) + b"\n"
+            calls = event.get("tool_calls")
+            if not calls:
+                return final
+            line = _line(self.model, self.content, "", done=False)
+            line["message"]["tool_calls"] = ollama_tool_calls(calls)
+            return orjson.dumps(line) + b"\n" + final
         if event["type"] == "error":
             return orjson.dumps({"error": event["message"]}) + b"\n"
         return b""
@@ -240,20 +297,61 @@ class LineEncoder:
 # Requests ----------------------------------------------------------------------------
 
 
+#: Fields that change the answer and that chatgate cannot pass on: refused, never
+#: silently dropped. Ollama's others (``keep_alive``, unknown ``options``) are ignored.
+REFUSED_FIELDS = {
+    "suffix": "suffix (fill-in-the-middle) is not supported",
+    "template": "a prompt template is not supported: the upstream's own applies",
+    "raw": "raw prompts are not supported",
+    "context": "context (the deprecated conversation state) is not supported: send messages",
+    "think": "thinking output is not supported",
+}
+
+
 def _refuse_unsupported(data: dict[str, Any]) -> None:
     """Clear refusals for what chatgate does not do, before the schema's generic ones."""
     messages = data.get("messages")
     messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-    if data.get("tools") or any(m.get("role") == "tool" for m in messages):
-        raise RequestError("tools are not supported", param="tools")
     if data.get("images") or any(m.get("images") for m in messages):
         raise RequestError("images are not supported", param="images")
+    for field, why in REFUSED_FIELDS.items():
+        if data.get(field) not in (None, False, "", []):
+            raise RequestError(why, param=field)
+
+
+def _messages(body: ChatRequest) -> list[Message]:
+    """The body's messages; a ``tool`` message answers the earlier assistant message's
+    calls in order (Ollama's carry no ids: chatgate names each call by its position)."""
+    messages: list[Message] = []
+    pending: list[ToolCall] = []
+    for i, message in enumerate(body.messages):
+        if message.role == "tool":
+            name = message.tool_name or getattr(message, "name", None)
+            call = next((c for c in pending if c["name"] == name), pending[0] if pending else None)
+            if call is not None:
+                pending.remove(call)
+            tool: Message = {"role": "tool", "content": message.content, "tool_call_id": call["id"] if call else f"call_{i}"}
+            if isinstance(name, str) and name:
+                tool["name"] = name
+            messages.append(tool)
+            continue
+        entry: Message = {"role": message.role, "content": message.content}
+        if message.tool_calls:
+            if message.role != "assistant":
+                raise RequestError("only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
+            calls = tooling.parse_tool_calls(
+                [call.model_dump() for call in message.tool_calls], f"messages.{i}.tool_calls"
+            )
+            calls = [{**call, "id": f"call_{i}_{n}"} for n, call in enumerate(calls)]
+            entry["tool_calls"], pending = calls, list(calls)
+        messages.append(entry)
+    return messages
 
 
 def _options(options: dict[str, Any] | None) -> GenerationOptions:
     """Ollama's -1 (no limit) and -2 (fill the context) for ``num_predict`` are unset."""
     try:
-        return parse_options(options)
+        return parse_ollama_options(options)
     except OptionError as exc:
         raise RequestError(exc.message, param=exc.field) from None
 
@@ -265,6 +363,9 @@ async def _answer(
     options: GenerationOptions,
     stream: bool,
     content: Content,
+    *,
+    tools: Tools | None = None,
+    output: OutputFormat | None = None,
 ) -> Response:
     """Chat and generate alike: no message loads the model (Ollama's warm-up request);
     otherwise one turn, streamed as NDJSON or answered as one object."""
@@ -281,12 +382,16 @@ async def _answer(
         options=options,
         owner=owner,
         conversation_id=conversation_id,
+        tools=tools,
+        output=output,
     )
     generation = await gateway.service.start(turn)
     if stream:
         return await compat.stream(request, turn, generation, LineEncoder(model, content), NDJSON, start=False)
     done = await compat.answer(request, generation)
     answer = _final(model, content, generation.text, done)
+    if done.get("tool_calls") and "message" in answer:
+        answer["message"]["tool_calls"] = ollama_tool_calls(done["tool_calls"])
     return ORJSONResponse(answer, headers=compat.conversation_headers(turn, generation))
 
 
@@ -297,11 +402,13 @@ async def _answer(
 async def chat(request: Request) -> Response:
     data = compat.read_json_object(await request.body())
     _refuse_unsupported(data)
+    tools = tooling.parse_tools(data.get("tools"))
+    output = tooling.parse_ollama_format(data.get("format"))
     body = compat.validate(ChatRequest, data)
-    messages: list[Message] = [{"role": m.role, "content": m.content} for m in body.messages]
     options = _options(body.options)
     return await _answer(
-        request, body.model, messages, options, body.stream is not False, _chat_content
+        request, body.model, _messages(body), options, body.stream is not False, _chat_content,
+        tools=tools, output=output,
     )
 
 
@@ -309,13 +416,14 @@ async def chat(request: Request) -> Response:
 async def generate(request: Request) -> Response:
     data = compat.read_json_object(await request.body())
     _refuse_unsupported(data)
+    output = tooling.parse_ollama_format(data.get("format"))
     body = compat.validate(GenerateRequest, data)
     messages: list[Message] = [{"role": "system", "content": body.system}] if body.system else []
     if body.prompt:
         messages.append({"role": "user", "content": body.prompt})
     options = _options(body.options)
     return await _answer(
-        request, body.model, messages, options, body.stream is not False, _generate_content
+        request, body.model, messages, options, body.stream is not False, _generate_content, output=output
     )
 
 

@@ -15,16 +15,18 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from chatgate.api import catalog, compat
+from chatgate.api import catalog, compat, tooling
 from chatgate.api.auth import caller
 from chatgate.api.errors import ORJSONResponse, RequestError, openai_error, status_of
-from chatgate.chat.events import ChatError, DoneEvent, Event
+from chatgate.chat.events import ChatError, DoneEvent, Event, ToolCallEvent
 from chatgate.options import (
     INT32_MAX,
     INT64_MAX,
     INT64_MIN,
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
+    PENALTY_MAX,
+    PENALTY_MIN,
     TEMPERATURE_MAX,
     TEMPERATURE_MIN,
     TOP_P_MAX,
@@ -42,11 +44,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(BaseModel):
@@ -54,10 +70,23 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolBody(BaseModel):
+    type: Literal["function"]
+    function: FunctionTool
+
+
 class CompletionRequest(BaseModel):
-    """What chatgate reads of a chat completion request besides its sampling fields;
-    other fields are accepted and ignored. ``n`` above 1, tools and non-text content are
-    refused."""
+    """What chatgate reads of a chat completion request besides its sampling fields; the
+    fields in :data:`IGNORED_FIELDS` are accepted and ignored, those in
+    :data:`REFUSED_FIELDS` refused. ``n`` above 1 and non-text content are refused."""
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
@@ -65,8 +94,10 @@ class CompletionRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1)
-    tools: list[Any] | None = Field(None, max_length=0)
-    functions: list[Any] | None = Field(None, max_length=0)
+    tools: list[ToolBody] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 StopSequence = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -76,7 +107,10 @@ Stop = (
     | None
 )
 #: The request's sampling fields, read by :func:`parse_options` rather than the model.
-SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed")
+SAMPLING_FIELDS = (
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed",
+    "frequency_penalty", "presence_penalty",
+)
 
 
 class SamplingFields(BaseModel):
@@ -89,6 +123,8 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     stop: Stop = None
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    frequency_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
+    presence_penalty: float | None = Field(None, ge=PENALTY_MIN, le=PENALTY_MAX)
 
 
 class CompletionRequestBody(CompletionRequest, SamplingFields):
@@ -109,15 +145,16 @@ class ErrorBody(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
     refusal: None
+    tool_calls: list[ToolCallBody] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class CompletionUsage(BaseModel):
@@ -158,20 +195,42 @@ ERRORS = compat.error_responses(ErrorBody)
 # Requests ----------------------------------------------------------------------------
 
 
+#: Fields that change what the model answers and that chatgate cannot pass on: refused,
+#: never silently dropped. Each maps to why.
+REFUSED_FIELDS = {
+    "functions": "functions (the deprecated form of tools) is not supported: send tools",
+    "function_call": "function_call (the deprecated form of tool_choice) is not supported: send tool_choice",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "logit_bias": "logit_bias is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported: chatgate has no hosted tools",
+}
+#: Fields accepted and ignored: they ask nothing of the answer (bookkeeping upstream).
+IGNORED_FIELDS = (
+    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+    "reasoning_effort", "verbosity",
+)
+
+
 def _refuse_unsupported(data: dict[str, Any]) -> None:
     """Clear refusals for what chatgate does not do, before the schema's generic ones."""
     n = data.get("n")
     if isinstance(n, int) and not isinstance(n, bool) and n > 1:
         raise RequestError("n > 1 is not supported: chatgate returns one choice", param="n")
-    for field in ("tools", "functions"):
-        if data.get(field):
-            raise RequestError("tools and function calling are not supported", param=field)
+    for field, why in REFUSED_FIELDS.items():
+        if data.get(field) not in (None, False, [], {}):
+            raise RequestError(why, param=field)
+    modalities = data.get("modalities")
+    if isinstance(modalities, list) and any(m != "text" for m in modalities):
+        raise RequestError("only text output is supported", param="modalities")
     messages = data.get("messages")
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(message, dict):
             continue
-        if message.get("role") in ("tool", "function"):
-            raise RequestError("tool messages are not supported", param=f"messages.{i}.role")
+        if message.get("role") == "function":
+            raise RequestError("function messages (deprecated) are not supported: send tool messages", param=f"messages.{i}.role")
         content = message.get("content")
         for part in content if isinstance(content, list) else ():
             if isinstance(part, dict) and part.get("type") != "text":
@@ -183,13 +242,28 @@ def _refuse_unsupported(data: dict[str, Any]) -> None:
 
 def _messages(body: CompletionRequest) -> list[Message]:
     messages: list[Message] = []
-    for message in body.messages:
+    for i, message in enumerate(body.messages):
         content = message.content
         text = (
             "\n".join(part.text for part in content) if isinstance(content, list) else content or ""
         )
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise RequestError("a tool message needs its tool_call_id", param=f"messages.{i}.tool_call_id")
+            tool: Message = {"role": "tool", "content": text, "tool_call_id": message.tool_call_id}
+            if message.name:
+                tool["name"] = message.name
+            messages.append(tool)
+            continue
         role: Role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": text})
+        entry: Message = {"role": role, "content": text}
+        if message.tool_calls:
+            if role != "assistant":
+                raise RequestError("only assistant messages carry tool_calls", param=f"messages.{i}.tool_calls")
+            entry["tool_calls"] = tooling.parse_tool_calls(
+                [call.model_dump() for call in message.tool_calls], f"messages.{i}.tool_calls"
+            )
+        messages.append(entry)
     return messages
 
 
@@ -202,7 +276,18 @@ def _options(data: dict[str, Any]) -> GenerationOptions:
 
 
 def _finish_reason(done: DoneEvent) -> str:
-    return "length" if done["finish_reason"] == "length" else "stop"
+    reason = done["finish_reason"]
+    return reason if reason == "length" or reason == "tool_calls" else "stop"
+
+
+def _tool_calls(done: DoneEvent) -> list[dict[str, Any]] | None:
+    calls = done.get("tool_calls")
+    if not calls:
+        return None
+    return [
+        {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+        for call in calls
+    ]
 
 
 def _usage(done: DoneEvent) -> dict[str, int]:
@@ -241,6 +326,8 @@ class ChunkEncoder:
             return self.prefix + b'{"content":' + orjson.dumps(event["text"]) + b"}" + self.suffix
         if event["type"] == "start":
             return self.prefix + b'{"role":"assistant","content":""}' + self.suffix
+        if event["type"] == "tool_call":
+            return self.prefix + orjson.dumps({"tool_calls": [_call_piece(event)]}) + self.suffix
         if event["type"] == "done":
             return self._finish(event)
         detail = openai_error(event["code"], event["message"], status_of(event["code"]))
@@ -256,6 +343,20 @@ class ChunkEncoder:
             b"data: " + orjson.dumps({**last, "usage": None}) + b"\n\n"
             b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
         )
+
+
+def _call_piece(event: ToolCallEvent) -> dict[str, Any]:
+    """A tool call piece as OpenAI streams it: id, type and name on a call's first piece
+    only (clients join every string field they are sent)."""
+    function: dict[str, Any] = {"arguments": event["arguments"]}
+    piece: dict[str, Any] = {"index": event["index"]}
+    if "call_id" in event:
+        piece["id"] = event["call_id"]
+        piece["type"] = "function"
+    if "name" in event:
+        function = {"name": event["name"], **function}
+    piece["function"] = function
+    return piece
 
 
 # Routes ------------------------------------------------------------------------------
@@ -285,6 +386,9 @@ async def chat_completions(request: Request) -> Response:
     owner = caller(request)
     data = compat.read_json_object(await request.body())
     _refuse_unsupported(data)
+    # Read first: their messages name the problem better than the schema's.
+    tools = tooling.parse_tools(data.get("tools"), data.get("tool_choice"), data.get("parallel_tool_calls"))
+    output = tooling.parse_response_format(data.get("response_format"))
     body = compat.validate(
         CompletionRequest, {k: v for k, v in data.items() if k not in SAMPLING_FIELDS}
     )
@@ -295,6 +399,8 @@ async def chat_completions(request: Request) -> Response:
         options=_options(data),
         owner=owner,
         conversation_id=compat.conversation_id_of(request),
+        tools=tools,
+        output=output,
     )
     generation = await gateway.service.start(turn)
     completion_id = "chatcmpl-" + generation.id
@@ -314,7 +420,7 @@ async def chat_completions(request: Request) -> Response:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": generation.text, "refusal": None},
+                "message": _message(generation.text, done),
                 "logprobs": None,
                 "finish_reason": _finish_reason(done),
             }
@@ -322,6 +428,16 @@ async def chat_completions(request: Request) -> Response:
         "usage": _usage(done),
     }
     return ORJSONResponse(completion, headers=compat.conversation_headers(turn, generation))
+
+
+def _message(text: str, done: DoneEvent) -> dict[str, Any]:
+    calls = _tool_calls(done)
+    message: dict[str, Any] = {
+        "role": "assistant", "content": text if text or not calls else None, "refusal": None
+    }
+    if calls:
+        message["tool_calls"] = calls
+    return message
 
 
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)

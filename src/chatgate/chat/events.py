@@ -6,16 +6,16 @@ serialises them directly.
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from chatgate.providers.base import (
-    EmbeddingsUnsupported,
     ModelNotFound,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
+    Unsupported,
 )
-from chatgate.vocabulary import FinishReason
+from chatgate.vocabulary import FinishReason, ToolCall
 
 ErrorCode = Literal[
     "bad_request", "too_large", "unauthorized", "forbidden", "not_found", "rate_limited",
@@ -48,12 +48,31 @@ class DeltaEvent(TypedDict):
     text: str
 
 
+class ToolCallEvent(TypedDict):
+    """A piece of tool call ``index``, in the order the upstream sent it: the first piece
+    of a call has its ``call_id`` and ``name``; each piece has a fragment of its
+    ``arguments`` text, and the fragments of a call joined are the whole JSON text.
+    ``seq`` counts on with the deltas' (resume skips what a client has seen)."""
+
+    type: Literal["tool_call"]
+    id: str
+    seq: int
+    index: int
+    call_id: NotRequired[str]
+    name: NotRequired[str]
+    arguments: str
+
+
 class DoneEvent(TypedDict):
+    """The end of an answer; ``tool_calls`` holds the whole calls when the model made any
+    (``finish_reason`` is then ``tool_calls``, unless a cap cut it)."""
+
     type: Literal["done"]
     id: str
     finish_reason: FinishReason
     usage: UsageDict
     timings: TimingsDict
+    tool_calls: NotRequired[list[ToolCall]]
 
 
 class ErrorEvent(TypedDict, total=False):
@@ -64,7 +83,7 @@ class ErrorEvent(TypedDict, total=False):
     retryable: bool
 
 
-Event = StartEvent | DeltaEvent | DoneEvent | ErrorEvent
+Event = StartEvent | DeltaEvent | ToolCallEvent | DoneEvent | ErrorEvent
 
 
 def error_event(code: ErrorCode, message: str, *, id: str | None = None, retryable: bool = False) -> ErrorEvent:
@@ -81,7 +100,7 @@ def provider_error_code(exc: ProviderError) -> ErrorCode:
         return "timeout"
     if isinstance(exc, ModelNotFound):
         return "not_found"
-    if isinstance(exc, EmbeddingsUnsupported):
+    if isinstance(exc, Unsupported):
         return "bad_request"
     return "provider_error"
 

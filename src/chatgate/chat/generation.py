@@ -20,7 +20,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from chatgate.chat.events import DeltaEvent, Event, StartEvent
+from chatgate.chat.events import DeltaEvent, Event, StartEvent, ToolCallEvent
+from chatgate.vocabulary import ToolCall, ToolCallDelta
 
 #: A waiting delta takes in further tokens up to this many characters.
 MAX_COALESCED_CHARS = 8192
@@ -58,6 +59,8 @@ class Generation:
     replica: bool = False
     #: The process is stopping: the end is a retryable error, not a client's cancel.
     stopping: bool = False
+    #: The tool calls so far, whole (their arguments as far as they have streamed).
+    tool_calls: list[ToolCall] = field(default_factory=list)
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
     _listeners: list[Listener] = field(default_factory=list)
@@ -95,6 +98,44 @@ class Generation:
         event: DeltaEvent = {"type": "delta", "id": self.id, "seq": self._seq, "text": text}
         self._append(event)
 
+    def emit_tool_call(self, piece: ToolCallDelta) -> None:
+        """Log a piece of tool call ``piece.index`` (a new call when the index is new; one
+        the upstream gave no id gets one, since its result must name it)."""
+        self.tokens += 1
+        if piece.id is None and piece.index >= len(self.tool_calls):
+            piece = ToolCallDelta(piece.index, f"call_{self.id}_{piece.index}", piece.name, piece.arguments)
+        self._gather(piece.index, piece.id, piece.name, piece.arguments)
+        if len(self.log) > self._handed:
+            last = self.log[-1]
+            if (
+                last["type"] == "tool_call"
+                and last["index"] == piece.index
+                and piece.id is None
+                and piece.name is None
+            ):
+                last["arguments"] += piece.arguments
+                return
+        self._seq += 1
+        event: ToolCallEvent = {
+            "type": "tool_call", "id": self.id, "seq": self._seq, "index": piece.index,
+            "arguments": piece.arguments,
+        }
+        if piece.id is not None:
+            event["call_id"] = piece.id
+        if piece.name is not None:
+            event["name"] = piece.name
+        self._append(event)
+
+    def _gather(self, index: int, call_id: str | None, name: str | None, arguments: str) -> None:
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append({"id": "", "name": "", "arguments": ""})
+        call = self.tool_calls[index]
+        if call_id:
+            call["id"] = call_id
+        if name:
+            call["name"] = name
+        call["arguments"] += arguments
+
     def emit(self, event: Event) -> None:
         self._append(event)
 
@@ -104,6 +145,9 @@ class Generation:
         if event["type"] == "delta":
             self._seq = event["seq"]
             self.text_parts.append(event["text"])
+        elif event["type"] == "tool_call":
+            self._seq = event["seq"]
+            self._gather(event["index"], event.get("call_id"), event.get("name"), event["arguments"])
         if event["type"] in ("done", "error"):
             self.finish(event)
         else:
@@ -189,5 +233,6 @@ class Generation:
 def seen_before(event: Event, after: int | None) -> bool:
     """Whether a subscriber resuming after delta ``after`` has this event already."""
     return after is not None and (
-        event["type"] == "start" or (event["type"] == "delta" and event["seq"] <= after)
+        event["type"] == "start"
+        or ((event["type"] == "delta" or event["type"] == "tool_call") and event["seq"] <= after)
     )

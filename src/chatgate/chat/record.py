@@ -49,9 +49,11 @@ class TurnRecord:
         self._writing: asyncio.Task[None] | None = None
         self._failed = False
 
-    def begin(self, message: str) -> None:
-        user = StoredMessage("user", message, created_at=time.time())
-        self._start(self._store.begin_turn(self._key, self._turn, user, owner=self._owner, agent=self._generation.agent))
+    def begin(self, message: StoredMessage) -> None:
+        """Store what the turn adds before its answer (the user's message, or tool results)."""
+        self._start(
+            self._store.begin_turn(self._key, self._turn, message, owner=self._owner, agent=self._generation.agent)
+        )
 
     def progress(self) -> None:
         """Called as tokens arrive: checkpoint the answer when one is due."""

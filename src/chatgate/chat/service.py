@@ -32,6 +32,7 @@ from chatgate.providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderTimeout,
+    Unsupported,
 )
 from chatgate.store.base import (
     Conversation,
@@ -40,7 +41,16 @@ from chatgate.store.base import (
     StoredMessage,
     StoreUnavailable,
 )
-from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
+from chatgate.vocabulary import (
+    FinishReason,
+    GenerationOptions,
+    Message,
+    OutputFormat,
+    ToolResult,
+    Tools,
+    Usage,
+    tool_messages,
+)
 
 log = logging.getLogger("chatgate.chat")
 #: Conversation ids travel in headers (X-Conversation-Id) and URL paths: URL-safe
@@ -63,6 +73,9 @@ def conversation_key(owner: str | None, conversation_id: str) -> str:
 
 @dataclass(slots=True)
 class Turn:
+    """One turn: a user's ``message``, or, continuing an answer that called tools, the
+    tools' ``tool_results`` (``message`` then empty)."""
+
     message: str
     conversation_id: str | None = None
     agent: str | None = None
@@ -82,6 +95,17 @@ class Turn:
     apply_agent_prompt: bool = True
     #: Start the conversation afresh when it has been idle for longer than this (seconds).
     idle_reset_s: float | None = None
+    tool_results: list[ToolResult] | None = None
+    #: The tools the model may call in this turn, and the format its answer must take.
+    tools: Tools | None = None
+    output: OutputFormat | None = None
+
+    def input(self) -> StoredMessage:
+        """What the turn adds to the conversation before its answer, as stored."""
+        now = time.time()
+        if self.tool_results:
+            return StoredMessage("tool", "", created_at=now, tool_results=tuple(self.tool_results))
+        return StoredMessage("user", self.message, created_at=now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +118,17 @@ class RetryPolicy:
         return float(min(self.max_backoff_s, self.backoff_s * 2**attempt))
 
 
-def build_messages(agent: Agent | None, history: list[Message], message: str) -> list[Message]:
+def build_messages(
+    agent: Agent | None, history: list[Message], message: str, tool_results: list[ToolResult] | None = None
+) -> list[Message]:
     messages: list[Message] = []
     if agent is not None:
         messages.append({"role": "system", "content": agent.system_prompt})
     messages.extend(history)
-    messages.append({"role": "user", "content": message})
+    if tool_results:
+        messages.extend(tool_messages(tool_results))
+    else:
+        messages.append({"role": "user", "content": message})
     return messages
 
 
@@ -268,7 +297,13 @@ class ChatService:
     # Turns -----------------------------------------------------------------------------
 
     async def embed(
-        self, model: str | None, inputs: list[str], *, owner: str | None = None, client: str | None = None
+        self,
+        model: str | None,
+        inputs: list[str],
+        *,
+        dimensions: int | None = None,
+        owner: str | None = None,
+        client: str | None = None,
     ) -> Embeddings:
         """The upstream's embeddings of ``inputs``: counted against the caller's request
         rate like a turn (not against its concurrent replies: nothing streams), and told
@@ -276,7 +311,7 @@ class ChatService:
         interchangeable with the ones asked for."""
         await self._limits.admit(_limit_key(Turn("", owner=owner, client=client)))
         try:
-            embeddings = await self.provider.embed(model or "", inputs)
+            embeddings = await self.provider.embed(model or "", inputs, dimensions)
         except ProviderError as exc:
             code = provider_error_code(exc)
             self._observers.embedded(code)
@@ -317,7 +352,11 @@ class ChatService:
         model = turn.model or agent.model or self.provider.default_model
         options = self._capped(agent.options.merged(turn.options))
         request = ProviderRequest(
-            build_messages(agent if turn.apply_agent_prompt else None, history, turn.message), model, options
+            build_messages(agent if turn.apply_agent_prompt else None, history, turn.message, turn.tool_results),
+            model,
+            options,
+            tools=turn.tools,
+            output=turn.output,
         )
         generation = Generation(
             id=generation_id,
@@ -384,7 +423,7 @@ class ChatService:
                 await self.store.clear(key)
                 return []
         window = await self.store.window(key, self.max_turns)
-        return [{"role": m.role, "content": m.content} for m in window]
+        return [message for stored in _whole_calls(window) for message in stored.as_prompt()]
 
     # Conversations ---------------------------------------------------------------------
 
@@ -401,6 +440,28 @@ class ChatService:
         if found is None or found.info.owner != owner:
             raise _no_conversation(conversation_id)
         return Conversation(_as_seen_by(owner, found.info), found.messages)
+
+    async def branch(
+        self,
+        owner: str | None,
+        source_id: str | None,
+        conversation_id: str,
+        *,
+        extra: Sequence[StoredMessage] = (),
+        agent: str = "general",
+    ) -> list[StoredMessage]:
+        """Start conversation ``conversation_id`` as a copy of the caller's ``source_id``
+        (None: of nothing) followed by ``extra``, and return its messages: a conversation
+        continued from any earlier point (the Responses API's ``previous_response_id``)
+        leaves the one it came from as it was. ``not_found`` for another owner's source."""
+        messages: list[StoredMessage] = []
+        if source_id is not None:
+            messages = list((await self.conversation(owner, source_id)).messages)
+        messages.extend(extra)
+        if messages:
+            with _store_reachable():
+                await self.store.append(conversation_key(owner, conversation_id), messages, owner=owner, agent=agent)
+        return messages
 
     async def clear_history(self, owner: str | None, conversation_id: str) -> None:
         """Forget the conversation's messages; clearing one that does not exist (or is
@@ -461,7 +522,7 @@ class ChatService:
             record = TurnRecord(
                 self.store, generation, owner=turn.owner, interval_s=self.checkpoint_s, clock=self._clock
             )
-            record.begin(turn.message)
+            record.begin(turn.input())
         started = self._clock()
         first_token_at: float | None = None
         usage: Usage | None = None
@@ -472,11 +533,22 @@ class ChatService:
         token_cap = self.max_answer_tokens  # 0 never equals a count, which starts at 1
         cut: str | None = None  # which cap ended the answer
         deadline = asyncio.timeout(self.max_answer_s or None)
+        # parallel_tool_calls=false, kept here for upstreams that have no such switch
+        # (Ollama, Gemini): an answer's calls after its first are not passed on.
+        single_call = request.tools is not None and request.tools.parallel is False
         chunks = self._stream_with_fallback(generation, request, trial.probe)
         try:
             try:
                 async with deadline, _closing(chunks):
                     async for chunk in chunks:
+                        if chunk.tool_calls:
+                            if first_token_at is None:
+                                first_token_at = self._clock()
+                                observers.first_token(generation, first_token_at - started)
+                                trial.answered()
+                            for piece in chunk.tool_calls:
+                                if piece.index == 0 or not single_call:
+                                    generation.emit_tool_call(piece)
                         if chunk.text:
                             if first_token_at is None:
                                 first_token_at = self._clock()
@@ -540,6 +612,8 @@ class ChatService:
                 extra={"request_id": generation.id, "cap": cut, "after_tokens": generation.tokens},
             )
         completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
+        if generation.tool_calls and reason == "stop":
+            reason = "tool_calls"  # some upstreams (Ollama) end a call with "stop"
         done: DoneEvent = {
             "type": "done",
             "id": generation.id,
@@ -550,6 +624,8 @@ class ChatService:
                 "total_ms": round((ended - started) * 1000, 3),
             },
         }
+        if generation.tool_calls:
+            done["tool_calls"] = generation.tool_calls
         await self._end(generation, record, done, partial=reason == "cancelled" or cut is not None)
 
     async def _stream_with_fallback(
@@ -567,7 +643,7 @@ class ChatService:
             models, attempts = models[:1], 1
         last_error: ProviderError | None = None
         for model in models:
-            attempt_request = ProviderRequest(request.messages, model, request.options)
+            attempt_request = dataclasses.replace(request, model=model)
             for attempt in range(attempts):
                 produced = False
                 try:
@@ -580,7 +656,7 @@ class ChatService:
                             yield chunk
                     return
                 except ProviderError as exc:
-                    if produced:
+                    if produced or isinstance(exc, Unsupported):
                         raise
                     last_error = exc
                     log.info(
@@ -637,11 +713,23 @@ class ChatService:
         sends the message again. A conversation cleared or deleted meanwhile stays so."""
         answer = None
         if generation.tokens or not partial:
-            answer = StoredMessage("assistant", generation.text, partial=partial, created_at=time.time())
+            answer = StoredMessage(
+                "assistant", generation.text, partial=partial, created_at=time.time(),
+                tool_calls=tuple(generation.tool_calls),
+            )
         try:
             await record.end(answer)
         except Exception:
             log.exception("could not store the answer", extra={"request_id": generation.id})
+
+
+def _whole_calls(window: list[StoredMessage]) -> list[StoredMessage]:
+    """The window without tool results whose calls fell out of it: an upstream refuses a
+    tool message that answers no call it can see."""
+    start = 0
+    while start < len(window) and window[start].role == "tool":
+        start += 1
+    return window[start:]
 
 
 def _cancelled_at_once(generation: Generation) -> DoneEvent:

@@ -9,11 +9,13 @@ the adapters knows which upstream it is talking to::
     ├── ProviderTimeout           reached, but no byte within the read timeout     retryable
     ├── ProviderHTTPError         answered with an error status (``status``)        retryable if 5xx
     │   └── ModelNotFound         the model does not exist there (404)
-    └── ProviderStreamError       broke after the stream started (dropped
-                                  connection, in-stream ``{"error": ...}``)         retryable
+    ├── ProviderStreamError       broke after the stream started (dropped
+    │                             connection, in-stream ``{"error": ...}``)         retryable
+    └── Unsupported               the upstream cannot do what the request asks
+        │                         (tools on the embedded model)                     HTTP 400
+        └── EmbeddingsUnsupported it cannot embed at all
 
-:meth:`Provider.embed` raises the same tree, plus :class:`EmbeddingsUnsupported` (HTTP 400)
-when the upstream cannot embed at all.
+An :class:`Unsupported` request is refused as it is: no retry, no fallback model.
 
 ``retryable`` says whether the *same* request may succeed if sent again; whether it is
 sent again is the chat service's decision (only before the first token).
@@ -42,25 +44,40 @@ from typing import (
 import aiohttp
 
 from chatgate.config import ConfigError, EnvironmentSettings, Settings
-from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
+from chatgate.vocabulary import (
+    FinishReason,
+    GenerationOptions,
+    Message,
+    OutputFormat,
+    ToolCallDelta,
+    Tools,
+    Usage,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderRequest:
+    """One turn for an upstream: ``tools`` the model may call and the ``output`` format
+    it must answer in, each mapped by the adapter to its wire format (None: not asked)."""
+
     messages: list[Message]
     model: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    tools: Tools | None = None
+    output: OutputFormat | None = None
 
 
 class Chunk(NamedTuple):
     """A piece of the answer. The last chunk of a stream has ``finish_reason`` set
-    (its ``text`` may be empty) and ``usage`` when the upstream reported it. A tuple
-    rather than a frozen dataclass: one is made per token, and a frozen dataclass's
-    ``__init__`` costs about twice a tuple's."""
+    (its ``text`` may be empty) and ``usage`` when the upstream reported it;
+    ``tool_calls`` holds pieces of tool calls as they stream. A tuple rather than a frozen
+    dataclass: one is made per token, and a frozen dataclass's ``__init__`` costs about
+    twice a tuple's."""
 
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +125,12 @@ class ProviderStreamError(ProviderError):
     default_retryable = True
 
 
-class EmbeddingsUnsupported(ProviderError):
+class Unsupported(ProviderError):
+    """The upstream cannot do what the request asks (a feature it lacks): the request is
+    refused as the client's (400), never retried or sent to a fallback model."""
+
+
+class EmbeddingsUnsupported(Unsupported):
     """The upstream (or the model it was started with) does not compute embeddings."""
 
 
@@ -128,8 +150,9 @@ class Provider(Protocol):
         """
         ...
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
-        """One embedding per text of ``inputs``, by ``model`` (empty: the default one)."""
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
+        """One embedding per text of ``inputs``, by ``model`` (empty: the default one),
+        ``dimensions`` long when given (models trained for it shorten their vectors)."""
         ...
 
     async def models(self) -> list[str]:

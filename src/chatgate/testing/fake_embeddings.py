@@ -28,6 +28,13 @@ def fake_vector(text: str) -> list[float]:
     return [(value - 32768) / 32768 for value in struct.unpack(f"<{DIMENSIONS}H", digest[: 2 * DIMENSIONS])]
 
 
+def _sized(vectors: list[list[float]], dimensions: Any) -> list[list[float]]:
+    """The vectors cut to ``dimensions`` when a request asks for fewer."""
+    if isinstance(dimensions, int) and 0 < dimensions < DIMENSIONS:
+        return [vector[:dimensions] for vector in vectors]
+    return vectors
+
+
 def _texts(value: Any) -> list[str] | None:
     if isinstance(value, str):
         return [value]
@@ -53,7 +60,7 @@ async def _ollama_embed(request: web.Request) -> web.Response:
     return json_response(
         {
             "model": model,
-            "embeddings": [fake_vector(text) for text in texts],
+            "embeddings": _sized([fake_vector(text) for text in texts], body.get("dimensions")),
             "total_duration": 1000,
             "load_duration": 100,
             "prompt_eval_count": sum(len(text.split()) for text in texts),
@@ -76,9 +83,8 @@ async def _openai_embeddings(request: web.Request) -> web.Response:
         }
         return json_response({"error": error}, 404)
     tokens = sum(len(text.split()) for text in texts)
-    data = [
-        {"object": "embedding", "index": i, "embedding": fake_vector(text)} for i, text in enumerate(texts)
-    ]
+    vectors = _sized([fake_vector(text) for text in texts], body.get("dimensions"))
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
     return json_response(
         {
             "object": "list",
@@ -99,14 +105,17 @@ async def _gemini_batch_embed(request: web.Request) -> web.Response:
     if request.app[STATE].is_missing(model):
         return gemini_error(404, f"models/{model} is not found for API version v1beta")
     texts: list[str] = []
+    dimensions = None
     for item in body.get("requests") or ():
+        dimensions = item.get("outputDimensionality") if isinstance(item, dict) else None
         parts = (item.get("content") or {}).get("parts") if isinstance(item, dict) else None
         if not isinstance(parts, list) or item.get("model") != f"models/{model}":
             return gemini_error(400, "each request needs content.parts and the model of the URL")
         texts.append("".join(str(part.get("text", "")) for part in parts if isinstance(part, dict)))
     if not texts:
         return gemini_error(400, "requests is required")
-    return json_response({"embeddings": [{"values": fake_vector(text)} for text in texts]})
+    vectors = _sized([fake_vector(text) for text in texts], dimensions)
+    return json_response({"embeddings": [{"values": vector} for vector in vectors]})
 
 
 def add_embedding_routes(app: web.Application) -> None:

@@ -6,6 +6,15 @@ serves a control API under ``/_fake/``: change pacing, queue faults, read back a
 of every chat request and reset. Times are ``time.monotonic()`` values, which on Linux are
 CLOCK_MONOTONIC and so comparable across processes. How a turn is paced and faulted is
 ``fake_wire``'s, shared by every dialect.
+
+Tools and JSON mode are answered as ``fake_tools`` decides, from the request's ``tools``
+(``[{"type": "function", "function": {name, parameters}}]`` in both formats), OpenAI's
+``tool_choice``, its last message, and ``response_format`` (OpenAI) or ``format`` (Ollama;
+the only thing ``/api/generate`` answers besides words). A streamed OpenAI call is one chunk
+with its ``id`` (``call_fake_<record id>_<index>``) and name, then one per piece of its
+arguments; an Ollama answer is one line with every call, its arguments an object. JSON text
+comes in ``fake_tools.pieces``. Each of those frames is paced, faulted and counted (usage,
+``eval_count``, ``tokens_sent``) as a token is; ``max_tokens`` does not cut them short.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import hashlib
 import signal
 import time
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, get_args
@@ -24,6 +34,7 @@ from aiohttp import web
 
 from chatgate.testing.fake_embeddings import add_embedding_routes
 from chatgate.testing.fake_gemini import add_gemini_routes
+from chatgate.testing.fake_tools import FakeCall, choose_calls, json_answer, pieces
 from chatgate.testing.fake_wire import (
     STATE,
     TOKEN_JSON,
@@ -32,6 +43,7 @@ from chatgate.testing.fake_wire import (
     Fault,
     FaultKind,
     Frames,
+    Script,
     Turn,
     add_turn_state,
     fake_reply,
@@ -86,6 +98,33 @@ def _ns(seconds: float) -> int:
     return max(1, int(seconds * 1e9))
 
 
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else ""
+
+
+def _tool_calls(body: dict[str, Any], choice: str | None) -> tuple[FakeCall, ...]:
+    """The calls answering ``body``'s ``tools`` (the format OpenAI and Ollama share)."""
+    tools = [
+        (entry["function"]["name"], entry["function"].get("parameters"))
+        for entry in body.get("tools") or ()
+        if isinstance(entry, dict)
+        and isinstance(entry.get("function"), dict)
+        and isinstance(entry["function"].get("name"), str)
+    ]
+    if not tools:
+        return ()
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else {}
+    last = last if isinstance(last, dict) else {}
+    return tuple(choose_calls(tools, choice, last.get("role"), _text(last.get("content"))))
+
+
+def _json_script(text: str) -> Script:
+    return Script(steps=len(pieces(text)), text=text)
+
+
 def _message_words(body: dict[str, Any]) -> int:
     messages = body.get("messages")
     if not isinstance(messages, list):
@@ -102,7 +141,7 @@ class _Ollama(Dialect):
     def _content_field(self, text_json: bytes) -> bytes: ...
 
     @abstractmethod
-    def _content_object(self, text: str) -> dict[str, Any]: ...
+    def _content_object(self, text: str, calls: tuple[FakeCall, ...] = ()) -> dict[str, Any]: ...
 
     def error(self, status: int, message: str) -> web.Response:
         return json_response({"error": message}, status)
@@ -114,31 +153,50 @@ class _Ollama(Dialect):
         options = body.get("options")
         return token_limit(options.get("num_predict")) if isinstance(options, dict) else None
 
+    def script(self, body: dict[str, Any]) -> Script | None:
+        schema = body.get("format")
+        if schema == "json" or isinstance(schema, dict):
+            return _json_script(json_answer(schema))
+        return None
+
     def frames(self, turn: Turn, body: dict[str, Any]) -> Frames:
         head = (
             b'{"model":' + orjson.dumps(turn.model)
             + b',"created_at":' + orjson.dumps(_now_iso()) + b","
         )  # fmt: skip
+        script = turn.script
+        if script is not None and script.calls:
+            line = {
+                "model": turn.model,
+                "created_at": _now_iso(),
+                **self._content_object("", script.calls),
+                "done": False,
+            }
+            tokens: tuple[bytes, ...] = (orjson.dumps(line) + b"\n",)
+        else:
+            texts = TOKEN_JSON if script is None else map(orjson.dumps, pieces(script.text))
+            tokens = tuple(head + self._content_field(text) + b',"done":false}\n' for text in texts)
         return Frames(
             content_type="application/x-ndjson",
             head=b"",
-            tokens=tuple(
-                head + self._content_field(text) + b',"done":false}\n' for text in TOKEN_JSON
-            ),
+            tokens=tokens,
             error=b'{"error":"injected stream error"}\n',
             tail=lambda: orjson.dumps(self._final(turn, "")) + b"\n",
         )
 
     def complete(self, turn: Turn, body: dict[str, Any]) -> bytes:
-        return orjson.dumps(self._final(turn, fake_reply(turn.record.tokens_sent)))
+        script = turn.script
+        if script is None:
+            return orjson.dumps(self._final(turn, fake_reply(turn.record.tokens_sent)))
+        return orjson.dumps(self._final(turn, script.text, script.calls))
 
-    def _final(self, turn: Turn, text: str) -> dict[str, Any]:
+    def _final(self, turn: Turn, text: str, calls: tuple[FakeCall, ...] = ()) -> dict[str, Any]:
         elapsed = time.monotonic() - turn.record.started_at
         prompt_eval = min(turn.ttft_s, elapsed)
         return {
             "model": turn.model,
             "created_at": _now_iso(),
-            **self._content_object(text),
+            **self._content_object(text, calls),
             "done": True,
             "done_reason": turn.finish_reason,
             "total_duration": _ns(elapsed),
@@ -154,18 +212,27 @@ class _OllamaChat(_Ollama):
     def _content_field(self, text_json: bytes) -> bytes:
         return b'"message":{"role":"assistant","content":' + text_json + b"}"
 
-    def _content_object(self, text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text}}
+    def _content_object(self, text: str, calls: tuple[FakeCall, ...] = ()) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [
+                {"function": {"name": call.name, "arguments": call.arguments}} for call in calls
+            ]
+        return {"message": message}
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
         return _message_words(body)
+
+    def script(self, body: dict[str, Any]) -> Script | None:
+        calls = _tool_calls(body, None)
+        return Script(steps=1, calls=calls) if calls else super().script(body)
 
 
 class _OllamaGenerate(_Ollama):
     def _content_field(self, text_json: bytes) -> bytes:
         return b'"response":' + text_json
 
-    def _content_object(self, text: str) -> dict[str, Any]:
+    def _content_object(self, text: str, calls: tuple[FakeCall, ...] = ()) -> dict[str, Any]:
         return {"response": text}
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
@@ -198,6 +265,25 @@ class _OpenAIChat(Dialect):
     def prompt_tokens(self, body: dict[str, Any]) -> int:
         return _message_words(body)
 
+    def script(self, body: dict[str, Any]) -> Script | None:
+        choice = body.get("tool_choice")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            choice = function.get("name") if isinstance(function, dict) else None
+        calls = _tool_calls(body, choice if isinstance(choice, str) else None)
+        if calls:
+            steps = sum(1 + len(pieces(call.arguments_json)) for call in calls)
+            return Script(steps=steps, calls=calls)
+        response_format = body.get("response_format")
+        if not isinstance(response_format, dict):
+            return None
+        if response_format.get("type") == "json_object":
+            return _json_script(json_answer(None))
+        if response_format.get("type") == "json_schema":
+            spec = response_format.get("json_schema")
+            return _json_script(json_answer(spec.get("schema") if isinstance(spec, dict) else None))
+        return None
+
     def frames(self, turn: Turn, body: dict[str, Any]) -> Frames:
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
@@ -206,8 +292,23 @@ class _OpenAIChat(Dialect):
         close = b',"usage":null}\n\n' if include_usage else b"}\n\n"
         suffix = b',"logprobs":null,"finish_reason":null}]' + close
 
+        script = turn.script
+        head = prefix + b'{"role":"assistant","content":""}' + suffix
+        if script is None:
+            tokens = tuple(prefix + b'{"content":' + text + b"}" + suffix for text in TOKEN_JSON)
+        elif script.calls:
+            head = b""
+            tokens = tuple(
+                prefix + orjson.dumps(delta) + suffix
+                for delta in self._call_deltas(turn, script.calls)
+            )
+        else:
+            tokens = tuple(
+                prefix + orjson.dumps({"content": piece}) + suffix for piece in pieces(script.text)
+            )
+
         def tail() -> bytes:
-            reason = orjson.dumps(turn.finish_reason)
+            reason = orjson.dumps(self._finish_reason(turn))
             last = prefix + b'{},"logprobs":null,"finish_reason":' + reason + b"}]" + close
             if include_usage:
                 usage = {**envelope, "choices": [], "usage": self._usage(turn)}
@@ -216,25 +317,62 @@ class _OpenAIChat(Dialect):
 
         return Frames(
             content_type="text/event-stream",
-            head=prefix + b'{"role":"assistant","content":""}' + suffix,
-            tokens=tuple(prefix + b'{"content":' + text + b"}" + suffix for text in TOKEN_JSON),
+            head=head,
+            tokens=tokens,
             error=b'data: {"error":{"message":"injected stream error","type":"server_error"}}\n\n',
             tail=tail,
         )
 
     def complete(self, turn: Turn, body: dict[str, Any]) -> bytes:
+        script = turn.script
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": fake_reply(turn.record.tokens_sent) if script is None else script.text,
+            "refusal": None,
+        }
+        if script is not None and script.calls:
+            message["content"] = None
+            message["tool_calls"] = [
+                {
+                    "id": self._call_id(turn, index),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json},
+                }
+                for index, call in enumerate(script.calls)
+            ]
         choice = {
             "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": fake_reply(turn.record.tokens_sent),
-                "refusal": None,
-            },
+            "message": message,
             "logprobs": None,
-            "finish_reason": turn.finish_reason,
+            "finish_reason": self._finish_reason(turn),
         }
         envelope = {**self._envelope(turn), "object": "chat.completion"}
         return orjson.dumps({**envelope, "choices": [choice], "usage": self._usage(turn)})
+
+    @staticmethod
+    def _finish_reason(turn: Turn) -> str:
+        return "tool_calls" if turn.script is not None and turn.script.calls else turn.finish_reason
+
+    @staticmethod
+    def _call_id(turn: Turn, index: int) -> str:
+        return f"call_fake_{turn.record.id}_{index}"
+
+    @classmethod
+    def _call_deltas(cls, turn: Turn, calls: tuple[FakeCall, ...]) -> Iterator[dict[str, Any]]:
+        """The streamed deltas of ``calls``: each call's id and name, then its arguments."""
+        for index, call in enumerate(calls):
+            opening = {
+                "index": index,
+                "id": cls._call_id(turn, index),
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            if index == 0:
+                yield {"role": "assistant", "content": None, "tool_calls": [opening]}
+            else:
+                yield {"tool_calls": [opening]}
+            for piece in pieces(call.arguments_json):
+                yield {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
 
     @staticmethod
     def _envelope(turn: Turn) -> dict[str, Any]:

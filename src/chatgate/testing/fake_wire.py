@@ -12,6 +12,11 @@ task step per token, so thousands of them cost the fake little of a shared machi
 
 A fault strikes when the token after its ``after`` tokens would have been due; a request for a
 missing model is answered 404 without taking a fault from the queue.
+
+A request offering tools or asking for JSON is answered with a :class:`Script` instead of the
+words: the dialect's :meth:`Dialect.script` reads it (with ``fake_tools``) and says in how many
+frames it spells it, and its ``frames``/``complete`` spell ``turn.script``. Those frames are
+paced, faulted and counted (``tokens_sent``) as tokens are.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any, Literal
 
 import orjson
 from aiohttp import web
+
+from chatgate.testing.fake_tools import FakeCall
 
 _WORDS = (
     "Hello", "from", "the", "fake", "model", "streaming", "deterministic", "tokens",
@@ -54,6 +61,10 @@ def fake_reply(n: int) -> str:
 
 def _token_frame_index(i: int) -> int:
     return 0 if i == 0 else 1 + i % len(_WORDS)
+
+
+def _in_order(i: int) -> int:
+    return i
 
 
 @dataclass
@@ -93,6 +104,17 @@ class _Record:
             self.disconnected_at = time.monotonic()
 
 
+@dataclass(frozen=True, slots=True)
+class Script:
+    """An answer that is not the fake words: tool ``calls``, else the JSON ``text``, sent in
+    ``steps`` frames (how many is the dialect's: one per call, per piece, ...). The turn's
+    ``count`` is ``steps``, whatever limit the request sets; its finish reason is ``stop``."""
+
+    steps: int
+    calls: tuple[FakeCall, ...] = ()
+    text: str = ""
+
+
 @dataclass(slots=True)
 class Turn:
     """One accepted generation request, with its pacing fixed when it arrived."""
@@ -105,6 +127,7 @@ class Turn:
     ttft_s: float
     interval_s: float
     fault: Fault | None
+    script: Script | None = None
 
     @property
     def emitted(self) -> int:
@@ -117,6 +140,10 @@ class Turn:
 
 @dataclass(frozen=True, slots=True)
 class Frames:
+    """The bytes of a streamed turn: ``head`` goes before the first token; ``tokens`` is
+    the table of word frames (the first token's, then one per word) or, for a scripted
+    turn, its ``steps`` frames in order."""
+
     content_type: str
     head: bytes
     tokens: tuple[bytes, ...]
@@ -205,6 +232,10 @@ class Dialect(ABC):
     @abstractmethod
     def complete(self, turn: Turn, body: dict[str, Any]) -> bytes: ...
 
+    def script(self, body: dict[str, Any]) -> Script | None:
+        """The answer to give instead of the words (tool calls, JSON), or None."""
+        return None
+
     def wants_stream(self, body: dict[str, Any]) -> bool:
         stream = body.get("stream")
         return self.stream_default if stream is None else bool(stream)
@@ -236,13 +267,14 @@ async def _until_cancelled() -> None:
 class _PacedStream:
     """One stream's remaining tokens, written straight to its transport as HTTP chunks."""
 
-    __slots__ = ("done", "frames", "next_index", "pending_head", "transport", "turn")
+    __slots__ = ("done", "next_index", "pending_head", "pick", "tokens", "transport", "turn")
 
     def __init__(self, turn: Turn, frames: Frames, transport: asyncio.Transport) -> None:
         self.turn = turn
-        self.frames = frames
+        self.tokens = frames.tokens
         self.transport = transport
         self.pending_head = frames.head
+        self.pick = _token_frame_index if turn.script is None else _in_order
         self.next_index = 0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -254,7 +286,7 @@ class _PacedStream:
             self.done.set_exception(ConnectionResetError("the client went away"))
             return None
         i = self.next_index
-        data = self.pending_head + self.frames.tokens[_token_frame_index(i)]
+        data = self.pending_head + self.tokens[self.pick(i)]
         self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         self.pending_head = b""
         record = self.turn.record
@@ -314,6 +346,7 @@ async def _stream(request: web.Request, turn: Turn, frames: Frames) -> web.Strea
     record = turn.record
     response = web.StreamResponse(headers={"Content-Type": frames.content_type})
     pending_head = frames.head
+    pick = _token_frame_index if turn.script is None else _in_order
     try:
         await response.prepare(request)
         transport = request.transport
@@ -329,7 +362,7 @@ async def _stream(request: web.Request, turn: Turn, frames: Frames) -> web.Strea
             return response
         for i in range(turn.emitted):
             await _wait_until(turn.due(i))
-            await response.write(pending_head + frames.tokens[_token_frame_index(i)])
+            await response.write(pending_head + frames.tokens[pick(i)])
             pending_head = b""
             record.tokens_sent = i + 1
             if i == 0:
@@ -414,8 +447,10 @@ async def _serve_turn(request: web.Request, dialect: Dialect) -> web.StreamRespo
     settings = state.settings
     count = settings.tokens
     finish_reason: FinishReason = "stop"
-    limit = dialect.max_tokens(body)
-    if limit is not None and limit < count:
+    script = dialect.script(body)
+    if script is not None:
+        count = script.steps
+    elif (limit := dialect.max_tokens(body)) is not None and limit < count:
         count, finish_reason = limit, "length"
     turn = Turn(
         record=record,
@@ -426,6 +461,7 @@ async def _serve_turn(request: web.Request, dialect: Dialect) -> web.StreamRespo
         ttft_s=settings.ttft_ms / 1000,
         interval_s=1 / settings.tps if settings.tps > 0 else 0.0,
         fault=fault,
+        script=script,
     )
     if dialect.wants_stream(body):
         return await _stream(request, turn, dialect.frames(turn, body))

@@ -13,7 +13,7 @@ class StubProvider:
     name: ClassVar[str] = "stub"
     default_model = "stub-model"
 
-    async def embed(self, model: str, inputs: list[str]) -> Embeddings:
+    async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         raise EmbeddingsUnsupported("the stub provider does not do embeddings", provider=self.name)
 
     async def models(self) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from chatgate.api import tooling
 from chatgate.api.dialects.base import (
     Cancel,
     Chat,
@@ -65,14 +66,29 @@ class NativeDialect(Dialect):
         return [event]
 
     async def _chat(self, frame: dict[str, Any]) -> Command:
-        message = text_of(frame, "message")
+        """A user's ``message``, or ``tool_results`` answering the last answer's calls;
+        ``tools`` (with ``tool_choice``, ``parallel_tool_calls``) and ``response_format``
+        as in OpenAI's chat completions."""
+        results = None
+        if frame.get("tool_results") is not None:
+            if frame.get("message") is not None:
+                raise bad("send either message or tool_results, not both")
+            results = tooling.parse_tool_results(frame["tool_results"])
+            message = ""
+        else:
+            message = text_of(frame, "message")
         try:
             options = parse_options(frame.get("options"))
         except OptionError as exc:
             raise bad(str(exc)) from None
+        tools = tooling.parse_tools(frame.get("tools"), frame.get("tool_choice"), frame.get("parallel_tool_calls"))
+        output = tooling.parse_response_format(frame.get("response_format"))
         return Chat(
             Turn(
                 message=message,
+                tool_results=results,
+                tools=tools,
+                output=output,
                 conversation_id=optional_str(frame, "conversation_id"),
                 agent=optional_str(frame, "agent"),
                 model=optional_str(frame, "model"),

@@ -111,8 +111,8 @@ class SequentialDialect(Dialect):
             return [_error(event, now), {"type": "typing_stop", "session_id": session_id, "timestamp": now}]
         if event["type"] == "pong":
             return [{"type": "pong", "timestamp": now}]
-        if event["type"] == "history_cleared":
-            return []
+        if event["type"] == "history_cleared" or event["type"] == "tool_call":
+            return []  # its clients offer no tools
         reply = self._replies.get(event["id"])
         if reply is None or generation is None:
             return []
