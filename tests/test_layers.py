@@ -54,8 +54,18 @@ RULES = (
     ),
     Rule(
         "chatgate.chat",
+        ("chatgate.api", "chatgate.cluster", "chatgate.telemetry"),
+        "the chat service is the same for every wire protocol, one instance or many, watched or not",
+    ),
+    Rule(
+        "chatgate.providers",
+        ("chatgate.telemetry",),
+        "an adapter offers hooks (its outgoing headers); telemetry fills them",
+    ),
+    Rule(
+        "chatgate.telemetry",
         ("chatgate.api", "chatgate.cluster"),
-        "the chat service is the same for every wire protocol, one instance or many",
+        "telemetry watches generations and requests from outside; the wire and the cluster call it",
     ),
     Rule(
         "chatgate.cluster",

@@ -259,6 +259,15 @@ def test_unknown_store_scheme_is_one_line(tmp_path: Path) -> None:
     assert "memory" in line and "sqlite" in line
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"), [("OTEL_TRACES_EXPORTER", "zipkin"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]
+)
+def test_an_otel_value_chatgate_cannot_act_on_is_one_line(tmp_path: Path, variable: str, value: str) -> None:
+    env = {variable: value, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}
+    line = assert_one_line(refused(tmp_path, "--port", str(free_port()), **env))
+    assert line.startswith(f"chatgate: configuration error: {variable}={value}: ")
+
+
 def test_store_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder", encoding="utf-8")

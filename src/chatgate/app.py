@@ -34,6 +34,8 @@ from chatgate.chat.events import ChatError
 from chatgate.config import Settings
 from chatgate.gateway import close_gateway, open_gateway, purge_forever, shutting_down
 from chatgate.guard import guarded_server
+from chatgate.telemetry.http_metrics import RequestMetrics
+from chatgate.telemetry.otel import export_for
 
 log = logging.getLogger("chatgate")
 #: A served gateway makes and drops many short-lived objects per token; collecting the
@@ -112,6 +114,11 @@ def create_app(settings: Settings, *, own_process: bool = False) -> FastAPI:
     app.add_middleware(JsonBodiesOnly)
     app.add_middleware(CORSMiddleware, **boundary.cors_options())
     app.add_middleware(AllowedHosts, boundary=boundary)
+    app.add_middleware(RequestMetrics)  # around the refusals too, counted by route
+    if export_for("traces") is not None:
+        from chatgate.telemetry.tracing import ServerSpans  # OpenTelemetry only when traces go out
+
+        app.add_middleware(ServerSpans)  # outermost: a refused request is traced too
     app.add_exception_handler(ChatError, handle_chat_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.include_router(http.router)
@@ -151,7 +158,7 @@ class RefuseWhileDraining:
 def app_from_environment() -> FastAPI:
     """uvicorn's factory: settings come from the environment (the CLI put its flags there)."""
     from chatgate.config import load_settings
-    from chatgate.observability import setup_logging
+    from chatgate.telemetry.logs import setup_logging
 
     settings = load_settings()
     setup_logging(settings.log_level)

@@ -17,8 +17,9 @@ def _serve(args: argparse.Namespace) -> int:
     from chatgate.chat.agents import AgentFileError, load_agents
     from chatgate.cluster import is_redis
     from chatgate.config import ConfigError, load_settings
-    from chatgate.observability import setup_logging
     from chatgate.serve import bind, run, store_problem, workers_problem
+    from chatgate.telemetry.logs import setup_logging
+    from chatgate.telemetry.otel import export_for
 
     # Flags win: they become the primary variables, which is also how worker processes see them.
     for flag, variable in (("host", "CHATGATE_HOST"), ("port", "CHATGATE_PORT"), ("workers", "CHATGATE_WORKERS")):
@@ -34,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
         problem = configuration_problem(settings) or store_problem(settings) or workers_problem(settings)
         if problem:
             raise ConfigError(problem)
+        export_for("traces"), export_for("metrics")  # an OTEL_* value chatgate cannot act on
     except (ConfigError, AgentFileError) as exc:
         print(f"chatgate: configuration error: {exc}", file=sys.stderr)
         return 2

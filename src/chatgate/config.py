@@ -146,6 +146,8 @@ class Settings(EnvironmentSettings):
     breaker_failures: int = Field(5, ge=0, validation_alias=_env("CHATGATE_BREAKER_FAILURES"))
     breaker_cooldown_s: float = Field(30.0, gt=0, validation_alias=_env("CHATGATE_BREAKER_COOLDOWN_S"))
     debug: bool = Field(False, validation_alias=_env("CHATGATE_DEBUG", "OLLAMA_DEBUG"))
+    #: Put prompt and answer text in trace spans (``gen_ai.input.messages`` / ``output.messages``).
+    trace_content: bool = Field(False, validation_alias=_env("CHATGATE_TRACE_CONTENT"))
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", validation_alias=_env("CHATGATE_LOG_LEVEL")
     )

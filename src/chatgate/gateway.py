@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -27,10 +28,18 @@ from chatgate.cluster.bus import RedisGenerations
 from chatgate.cluster.instances import Instance
 from chatgate.cluster.limits import RedisLimits
 from chatgate.config import Settings
-from chatgate.observability import Metrics
 from chatgate.providers import build_provider
 from chatgate.providers.base import Provider
 from chatgate.store import ConversationStore, StoreLimits, open_store
+from chatgate.telemetry.datadog import LLMObsObserver, start_datadog, stop_datadog
+from chatgate.telemetry.metrics import Metrics
+from chatgate.telemetry.otel import export_for
+from chatgate.telemetry.store_metrics import TimedStore
+from chatgate.telemetry.turns import TurnLog
+
+if TYPE_CHECKING:
+    from chatgate.telemetry.otel_metrics import OtelMetrics
+    from chatgate.telemetry.tracing import Tracing
 
 log = logging.getLogger("chatgate")
 PURGE_INTERVAL_S = 60.0
@@ -59,6 +68,10 @@ class Gateway:
     shared_limits: RedisLimits | None = None
     #: The server is shutting down: new turns are refused, ``/health`` says so.
     draining: bool = False
+    #: OpenTelemetry traces, when the ``OTEL_*`` variables ask for them.
+    tracing: Tracing | None = None
+    #: Datadog LLM Observability, when ``DD_LLMOBS_ENABLED`` asks for it.
+    datadog: LLMObsObserver | None = None
 
     def refuse_if_draining(self) -> None:
         if self.draining:
@@ -75,6 +88,7 @@ def shutting_down() -> ChatError:
 
 
 async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
+    llmobs = start_datadog()  # first: a refusal leaves nothing open; ddtrace only when enabled
     store = open_store(
         settings.store_url,
         StoreLimits(ttl_s=settings.session_ttl_s, max_conversations=settings.max_conversations),
@@ -98,7 +112,10 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         )
         await redis_limits.start()
     provider, session = await build_provider(settings)
-    metrics = Metrics(provider.name)
+    metrics = Metrics(provider.name, otel=_metrics_export())
+    store = TimedStore(store, metrics)
+    tracing = _start_tracing(settings, provider.name)
+    datadog = LLMObsObserver(provider.name, llmobs) if llmobs is not None else None
     service = ChatService(
         provider,
         store,
@@ -111,7 +128,8 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         limits=redis_limits or LocalLimits(
             RateLimiter(*settings.rate) if settings.rate else None, settings.max_streams_per_client
         ),
-        observers=[metrics],
+        observers=[metrics, TurnLog(), *([tracing.observer] if tracing else []),
+                   *([datadog] if datadog else [])],
         shared=shared,
         max_answer_tokens=settings.max_answer_tokens,
         max_answer_s=settings.max_answer_s,
@@ -122,8 +140,26 @@ async def open_gateway(settings: Settings, agents: AgentRegistry) -> Gateway:
         await shared.start(service)
     return Gateway(
         settings, provider, session, store, agents, service, metrics, redis, instance, shared,
-        shared_limits=redis_limits,
+        shared_limits=redis_limits, tracing=tracing, datadog=datadog,
     )
+
+
+def _metrics_export() -> OtelMetrics | None:
+    export = export_for("metrics")
+    if export is None:
+        return None
+    from chatgate.telemetry.otel_metrics import OtelMetrics  # the SDK only when metrics go out
+
+    return OtelMetrics(export)
+
+
+def _start_tracing(settings: Settings, provider_name: str) -> Tracing | None:
+    export = export_for("traces")
+    if export is None:
+        return None
+    from chatgate.telemetry.tracing import start_tracing  # OpenTelemetry only when traces go out
+
+    return start_tracing(export, provider_name, trace_content=settings.trace_content)
 
 
 async def close_gateway(gateway: Gateway) -> None:
@@ -133,12 +169,17 @@ async def close_gateway(gateway: Gateway) -> None:
     await gateway.provider.aclose()
     await gateway.session.close()
     await gateway.store.close()
+    await gateway.metrics.aclose()
     if gateway.shared_limits is not None:
         await gateway.shared_limits.aclose()
     if gateway.instance is not None:
         await gateway.instance.stop()
     if gateway.redis is not None:
         await gateway.redis.aclose()
+    if gateway.tracing is not None:
+        await asyncio.to_thread(gateway.tracing.shutdown)  # flushes the spans still queued
+    if gateway.datadog is not None:
+        await asyncio.to_thread(stop_datadog, gateway.datadog)
 
 
 async def drain_gateway(

@@ -21,9 +21,11 @@ import functools
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,8 @@ _UVICORN_LOGGER = "uvicorn.error"
 READY, FAILED = 1, 2
 #: uvicorn starts its workers in this context; what they share must come from it too.
 _spawn = multiprocessing.get_context("spawn")
+#: Where the workers of one supervisor keep their metrics (prometheus_client's variable).
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: How often a supervisor waiting for its draining workers looks for a further signal.
 _JOIN_POLL_S = 0.1
 
@@ -356,6 +360,28 @@ class Supervisor(multiprocess.Multiprocess):
                         if other.process.is_alive() and other.pid is not None:
                             os.kill(other.pid, signal.SIGINT)
 
+    def keep_subprocess_alive(self) -> None:
+        alive = self._pids()
+        super().keep_subprocess_alive()
+        self._bury(alive - self._pids())
+
+    def restart_all(self) -> None:
+        alive = self._pids()
+        super().restart_all()
+        self._bury(alive - self._pids())
+
+    def _pids(self) -> set[int]:
+        return {worker.pid for worker in self.processes if worker.pid is not None}
+
+    def _bury(self, pids: set[int]) -> None:
+        """Replaced workers' live gauges leave the sums (their counts stay)."""
+        directory = os.environ.get(METRICS_DIR_ENV)
+        if pids and directory:
+            from prometheus_client import multiprocess as prometheus_multiprocess
+
+            for pid in pids:
+                prometheus_multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
     def run(self) -> None:
         # The supervisor makes (and remakes) its workers by this module-level name.
         plain = multiprocess.Process
@@ -370,12 +396,31 @@ class Supervisor(multiprocess.Multiprocess):
             logger.removeFilter(quiet)
 
 
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[None]:
+    """A fresh directory where the workers keep their Prometheus values, named to them in
+    ``PROMETHEUS_MULTIPROC_DIR`` before they start (prometheus_client reads it on import),
+    and removed when they have all stopped (:mod:`chatgate.telemetry.metrics`)."""
+    directory = tempfile.mkdtemp(prefix="chatgate-metrics-")
+    before = os.environ.get(METRICS_DIR_ENV)
+    os.environ[METRICS_DIR_ENV] = directory
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(METRICS_DIR_ENV, None)
+        else:
+            os.environ[METRICS_DIR_ENV] = before
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def run(config: uvicorn.Config, sock: socket.socket) -> int:
     """Serve on the bound ``sock`` until stopped; the exit code (2: start-up failed)."""
     try:
         if config.workers > 1:
-            supervisor = Supervisor(config, [sock])
-            supervisor.run()
+            with _metrics_directory():
+                supervisor = Supervisor(config, [sock])
+                supervisor.run()
             return 2 if supervisor.start_failed else 0
         server = GatewayServer(config)
         try:

@@ -18,10 +18,10 @@ from chatgate.chat.events import DoneEvent, ErrorEvent
 from chatgate.chat.generation import Generation
 from chatgate.chat.lifecycle import GenerationObserver
 from chatgate.chat.service import ChatService, RetryPolicy, Turn
-from chatgate.observability import Metrics
 from chatgate.providers.base import Chunk, ProviderError, ProviderRequest, ProviderStreamError
 from chatgate.store.base import StoreLimits
 from chatgate.store.memory import MemoryStore
+from chatgate.telemetry.metrics import Metrics
 from chatgate.testing.providers import StubProvider
 
 BOUND_S = 5.0
@@ -260,6 +260,9 @@ async def test_metrics_count_each_end_in_their_own_registry() -> None:
 
     assert sample(metrics, "chatgate_generations_total", outcome="stop") == 1
     assert sample(metrics, "chatgate_generations_total", outcome="error") == 1
-    assert sample(metrics, "chatgate_tokens_total") == len(TOKENS) + 2
-    assert sample(metrics, "chatgate_time_to_first_token_seconds_count") == 2
+    model = {"model": "scripted-model"}
+    assert sample(metrics, "chatgate_tokens_total", **model, direction="output") == len(TOKENS) + 2
+    assert sample(metrics, "chatgate_time_to_first_token_seconds_count", **model) == 2
+    assert sample(metrics, "chatgate_upstream_errors_total", kind="stream_error") == 1
+    assert metrics.registry.get_sample_value("chatgate_generations_running") == 0
     assert sample(other, "chatgate_generations_total", outcome="stop") is None

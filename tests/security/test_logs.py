@@ -80,7 +80,7 @@ def test_warnings_and_uncaught_exceptions_are_json_lines() -> None:
     program = textwrap.dedent(
         """
         import threading, warnings
-        from chatgate.observability import setup_logging
+        from chatgate.telemetry.logs import setup_logging
 
         setup_logging("info")
         warnings.warn("a warning", RuntimeWarning)

@@ -61,6 +61,13 @@ class Generation:
     stopping: bool = False
     #: The tool calls so far, whole (their arguments as far as they have streamed).
     tool_calls: list[ToolCall] = field(default_factory=list)
+    #: When (the service's monotonic clock) the turn was accepted, its first upstream
+    #: attempt began and the upstream's first chunk arrived: where the time went.
+    accepted_at: float = 0.0
+    upstream_at: float | None = None
+    first_chunk_at: float | None = None
+    #: The trace this generation is part of (hex), when it is traced.
+    trace_id: str | None = None
     _waiters: list[asyncio.Future[None]] = field(default_factory=list)
     _ended: asyncio.Event = field(default_factory=asyncio.Event)
     _listeners: list[Listener] = field(default_factory=list)

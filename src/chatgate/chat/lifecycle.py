@@ -1,5 +1,5 @@
 """Lifecycle hooks on generations, for what watches them from outside the chat core:
-metrics now, tracing next.
+metrics, traces, the per-turn log line, Datadog.
 
 :class:`ChatService` tells each :class:`GenerationObserver` it was given when a
 generation starts, when its first token and (for observers that ask) each token
@@ -8,6 +8,12 @@ per started generation, also when the process is shutting down. The end hooks ru
 after the turn is stored and just before the terminal event is logged, so a client
 that has seen a generation end also finds it in the metrics.
 
+Before the first token an upstream attempt may fail and be tried again (``retried``) or
+the next fallback model tried (``fell_back``). An observer that sets
+``provides_context`` is asked for the context the generation's task runs in
+(``task_context``), so that what it makes current there (a span) is current while the
+upstream is called.
+
 Hooks run synchronously on the generation's task: they must be cheap and must not
 block. One that raises is logged and skipped; it never breaks the generation or keeps
 the other observers from being told.
@@ -15,11 +21,13 @@ the other observers from being told.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Sequence
 
 from chatgate.chat.events import DoneEvent, ErrorEvent
 from chatgate.chat.generation import Generation
+from chatgate.providers.base import ProviderError, ProviderRequest
 
 log = logging.getLogger("chatgate.chat")
 
@@ -33,6 +41,16 @@ class GenerationObserver:
     #: Whether :meth:`token` is called. Per-token calls sit on the hot path, so the
     #: service skips them altogether unless some observer sets this.
     wants_tokens: bool = False
+    #: Whether :meth:`task_context` is called.
+    provides_context: bool = False
+
+    def task_context(
+        self, generation: Generation, request: ProviderRequest, context: contextvars.Context
+    ) -> contextvars.Context:
+        """The context the generation's task is to run in, given ``context`` (a copy of the
+        caller's, or what an earlier observer returned). Called just before the task is
+        created, after :meth:`started`; only when :attr:`provides_context` is set."""
+        return context
 
     def started(self, generation: Generation) -> None:
         """The turn was accepted: its ``start`` event is logged and its task created."""
@@ -58,6 +76,14 @@ class GenerationObserver:
         """A client cancelled it (or cleared its conversation, or it lost its socket and
         nobody resumed it); ``done`` has ``finish_reason`` ``cancelled``."""
 
+    def retried(self, generation: Generation, model: str, attempt: int, exc: ProviderError) -> None:
+        """Attempt ``attempt`` (1, 2…) of ``model`` failed before its first token with
+        ``exc``, and will be tried again after a backoff."""
+
+    def fell_back(self, generation: Generation, failed: str, model: str, exc: ProviderError) -> None:
+        """Model ``failed`` gave up with ``exc`` before its first token; fallback ``model``
+        is tried next."""
+
     def embedded(self, outcome: str) -> None:
         """An embeddings request ended: ``ok``, or the native error code it failed with.
         Not a generation: embeddings are answered whole, with no log or events."""
@@ -69,6 +95,9 @@ class Observers:
     def __init__(self, observers: Sequence[GenerationObserver] = ()) -> None:
         self._all = tuple(observers)
         self._token_observers = tuple(observer for observer in self._all if observer.wants_tokens)
+        self._context_observers = tuple(observer for observer in self._all if observer.provides_context)
+        #: Whether any observer gives the generation's task its context.
+        self.provides_context = bool(self._context_observers)
         #: Checked by the service once per generation, so that without such observers
         #: no token costs more than that one test.
         self.wants_tokens = bool(self._token_observers)
@@ -79,6 +108,29 @@ class Observers:
                 observer.started(generation)
             except Exception:
                 _report(observer, "started", generation)
+
+    def task_context(self, generation: Generation, request: ProviderRequest) -> contextvars.Context:
+        context = contextvars.copy_context()
+        for observer in self._context_observers:
+            try:
+                context = observer.task_context(generation, request, context)
+            except Exception:
+                _report(observer, "task_context", generation)
+        return context
+
+    def retried(self, generation: Generation, model: str, attempt: int, exc: ProviderError) -> None:
+        for observer in self._all:
+            try:
+                observer.retried(generation, model, attempt, exc)
+            except Exception:
+                _report(observer, "retried", generation)
+
+    def fell_back(self, generation: Generation, failed: str, model: str, exc: ProviderError) -> None:
+        for observer in self._all:
+            try:
+                observer.fell_back(generation, failed, model, exc)
+            except Exception:
+                _report(observer, "fell_back", generation)
 
     def first_token(self, generation: Generation, ttft_s: float) -> None:
         for observer in self._all:

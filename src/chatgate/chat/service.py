@@ -326,6 +326,7 @@ class ChatService:
         A conversation answers one turn at a time: while one runs, another turn is
         refused as ``busy``, or with ``wait`` waits for it to end (the seed dialects,
         whose clients sent their next message whenever they liked)."""
+        accepted_at = self._clock()
         agent = self.agents.get(turn.agent)
         if turn.apply_agent_prompt and turn.history:
             check_client_system(agent, turn.history)
@@ -366,6 +367,7 @@ class ChatService:
             owner=turn.owner,
             namespace=namespace,
             conversation_key=key,
+            accepted_at=accepted_at,
         )
         await self._limits.open_stream(limit_key)
         try:  # that may have asked another server: a turn may have begun meanwhile
@@ -379,10 +381,11 @@ class ChatService:
         generation.emit(generation.start_event())
         self._generations[(namespace, generation_id)] = generation
         self._by_conversation[key] = generation
-        generation.task = asyncio.create_task(
-            self._run(generation, request, turn, remember, trial), name=f"generation-{generation.id}"
-        )
         self._observers.started(generation)
+        context = self._observers.task_context(generation, request) if self._observers.provides_context else None
+        generation.task = asyncio.create_task(
+            self._run(generation, request, turn, remember, trial), name=f"generation-{generation.id}", context=context
+        )
         if self._shared is not None:
             self._shared.publish(generation)
         return generation
@@ -642,7 +645,10 @@ class ChatService:
         if probe:
             models, attempts = models[:1], 1
         last_error: ProviderError | None = None
-        for model in models:
+        generation.upstream_at = self._clock()
+        for tried, model in enumerate(models):
+            if last_error is not None:
+                self._observers.fell_back(generation, models[tried - 1], model, last_error)
             attempt_request = dataclasses.replace(request, model=model)
             for attempt in range(attempts):
                 produced = False
@@ -651,6 +657,7 @@ class ChatService:
                         async for chunk in chunks:
                             if not produced:
                                 produced = True
+                                generation.first_chunk_at = self._clock()
                                 if model != generation.model:
                                     generation.model = model
                             yield chunk
@@ -667,6 +674,7 @@ class ChatService:
                     if not exc.retryable:
                         break
                     if attempt + 1 < attempts:
+                        self._observers.retried(generation, model, attempt + 1, exc)
                         await asyncio.sleep(self.retry.delay(attempt))
         assert last_error is not None
         raise last_error

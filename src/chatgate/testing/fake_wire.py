@@ -94,6 +94,8 @@ class _Record:
     tokens_sent: int = 0
     fault: FaultKind | None = None
     completed: bool = False
+    #: The request's W3C ``traceparent`` header, when it had one (tracing tests).
+    traceparent: str | None = None
 
     def finish(self, response: web.Response) -> web.Response:
         self.finished_at = time.monotonic()
@@ -429,6 +431,7 @@ async def _serve_turn(request: web.Request, dialect: Dialect) -> web.StreamRespo
     started_at = time.monotonic()
     body = await read_object(request)
     record = state.open_record(request.path, body, started_at)
+    record.traceparent = request.headers.get("traceparent")
     refusal = dialect.refusal(request, body)
     if refusal is not None:
         return record.finish(refusal)
