@@ -1,18 +1,17 @@
-"""The plain chat page in a real browser (Debian's Chromium driven by Playwright)."""
+"""The chat page's first promises in a real browser (Debian's Chromium driven by Playwright):
+an answer streams and comes back after a reload, and Stop stops. The rest is in
+``test_chat_page.py``."""
 
 from __future__ import annotations
 
-from playwright.async_api import Browser, expect
+from playwright.async_api import Page, expect
 
 from chatgate.testing.fake_llm import fake_reply
 from chatgate.testing.servers import FakeLLM, RunningGateway
 
 
-async def test_page_streams_an_answer_and_remembers_it(
-    gw: RunningGateway, fake: FakeLLM, browser: Browser
-) -> None:
+async def test_page_streams_an_answer_and_remembers_it(gw: RunningGateway, fake: FakeLLM, page: Page) -> None:
     fake.configure(tokens=30, tps=100)
-    page = await browser.new_page()
     await page.goto(gw.url + "/")
     await expect(page.locator("#status")).to_have_text("connected")
     await page.fill("#input", "Hello there")
@@ -32,9 +31,8 @@ async def test_page_streams_an_answer_and_remembers_it(
     assert [m["content"] for m in history[1:]] == ["Hello there", fake_reply(30), "And again"]
 
 
-async def test_stop_button_cancels_and_marks_partial(gw: RunningGateway, fake: FakeLLM, browser: Browser) -> None:
+async def test_stop_button_cancels_and_marks_partial(gw: RunningGateway, fake: FakeLLM, page: Page) -> None:
     fake.configure(tokens=2000, tps=40)
-    page = await browser.new_page()
     await page.goto(gw.url + "/")
     await expect(page.locator("#status")).to_have_text("connected")
     await page.fill("#input", "Talk for a long time")

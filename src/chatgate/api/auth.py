@@ -48,9 +48,11 @@ from chatgate.config import Settings
 log = logging.getLogger("chatgate.auth")
 
 #: Paths that answer without a key when keys are on: the web page, where a user enters a
-#: key; the orchestrators' probes, which then give no details; Ollama's version probe, a
-#: constant. ``CHATGATE_PUBLIC_PATHS`` opens more.
-PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/api/version"})
+#: key, and its icon; the orchestrators' probes, which then give no details; Ollama's
+#: version probe, a constant. ``CHATGATE_PUBLIC_PATHS`` opens more.
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/health/live", "/health/ready", "/api/version"})
+#: Prefixes of public paths: the page's scripts, styles and images, which load before it has a key.
+PUBLIC_PREFIXES = ("/assets/",)
 #: The cookie that holds an anonymous browser's identity, and its owners' prefix.
 IDENTITY_COOKIE = "chatgate_id"
 ANONYMOUS_PREFIX = ANONYMOUS_IDENTITY
@@ -209,10 +211,13 @@ class Authentication:
                 state["owner"] = None
                 if scope["type"] == "websocket":
                     state["refused"] = exc
-                elif scope["path"] not in self.access.public_paths:
+                elif not self._public(scope["path"]):
                     await error_response(exc, shape_of(scope["path"]))(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+    def _public(self, path: str) -> bool:
+        return path in self.access.public_paths or path.startswith(PUBLIC_PREFIXES)
 
     async def _identify(self, scope: Scope, in_url: dict[str, str]) -> str:
         key = _header_key(Headers(scope=scope))

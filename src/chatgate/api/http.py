@@ -283,6 +283,67 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+#: The page runs only its own files: no inline script, nothing from another origin; its
+#: WebSocket goes back to the same host ('self' covers ws:/wss: there in current browsers).
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+#: The page's own files change with chatgate and are revalidated each time; the vendored
+#: ones change only with their pinned versions.
+_REVALIDATE = "no-cache"
+_VENDOR_CACHE = "public, max-age=604800"
+ASSET_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".map": "application/json",
+    ".json": "application/json",
+    ".md": "text/markdown; charset=utf-8",
+    ".txt": "text/plain; charset=utf-8",
+}
+
+
+def _web_file(relative: str) -> Path | None:
+    """``relative`` inside the web directory, or ``None``: nothing outside it, whether by
+    ``..``, an absolute path or a symbolic link, and only the types the page uses."""
+    parts = relative.split("/")
+    if not relative or "\\" in relative or "\0" in relative or any(p in ("", ".", "..") for p in parts):
+        return None
+    path = (WEB_DIR / relative).resolve()
+    if not path.is_relative_to(WEB_DIR) or path.suffix not in ASSET_TYPES or not path.is_file():
+        return None
+    return path
+
+
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
-    return FileResponse(WEB_DIR / "index.html", media_type="text/html; charset=utf-8")
+    return FileResponse(
+        WEB_DIR / "index.html",
+        media_type="text/html; charset=utf-8",
+        headers={**PAGE_HEADERS, "Cache-Control": _REVALIDATE},
+    )
+
+
+@router.get("/assets/{relative:path}", include_in_schema=False)
+async def asset(relative: str) -> Response:
+    """The page's scripts, styles and images, and the vendored libraries under ``vendor/``."""
+    path = _web_file(relative)
+    if path is None:
+        return error_response(ChatError("not_found", "no such asset"), "native", headers=PAGE_HEADERS)
+    cache = _VENDOR_CACHE if relative.startswith("vendor/") else _REVALIDATE
+    return FileResponse(path, media_type=ASSET_TYPES[path.suffix], headers={**PAGE_HEADERS, "Cache-Control": cache})
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+async def favicon() -> FileResponse:
+    return FileResponse(
+        WEB_DIR / "favicon.svg", media_type="image/svg+xml", headers={**PAGE_HEADERS, "Cache-Control": _REVALIDATE}
+    )
