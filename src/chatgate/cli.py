@@ -100,19 +100,45 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from chatgate.client import run_chat
+    from chatgate.terminal import Options, run_chat
 
     return run_chat(
-        url=args.url,
-        agent=args.agent,
-        conversation_id=args.conversation,
-        message=" ".join(args.message) if args.message else None,
-        api_key=args.api_key,
+        Options(
+            url=args.url,
+            key=args.key,
+            agent=args.agent,
+            model=args.model,
+            conversation_id=args.conversation,
+            message=" ".join(args.message) if args.message else None,
+            stdin_as_one=args.stdin_as_one,
+        )
     )
 
 
+CHAT_EPILOG = """\
+On a terminal, answers are rendered as Markdown; piped, they are the plain text followed by a
+newline. With stdin piped, each line is a turn of one conversation (--stdin-as-one: all of it
+is one message). Interactive commands: /new /agent /model /clear /history /quit /help;
+Ctrl-C stops an answer, Ctrl-D quits.
+
+The gateway: --url, else CHATGATE_URL, else CHATGATE_HOST/CHATGATE_PORT as `serve` reads them.
+
+exit codes:
+  0    done
+  2    usage or configuration error (also: unknown agent or model, message too large)
+  3    gateway unreachable (the line names the URL and where it came from)
+  4    unauthorized: set --key or CHATGATE_API_KEY
+  5    rate limited (the line says when to retry)
+  6    the answer failed (upstream error)
+  130  interrupted
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from chatgate import __version__
+
     parser = argparse.ArgumentParser(prog="chatgate", description="Self-hosted streaming chat gateway")
+    parser.add_argument("--version", action="version", version=f"chatgate {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gateway with the web UI")
@@ -121,12 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int)
     serve.set_defaults(run=_serve)
 
-    chat = commands.add_parser("chat", help="chat from the terminal (interactive without MESSAGE)")
-    chat.add_argument("--url", default=os.environ.get("CHATGATE_URL", "http://127.0.0.1:8000"))
-    chat.add_argument("--agent", default="general")
+    chat = commands.add_parser(
+        "chat",
+        help="chat from the terminal (interactive without MESSAGE)",
+        description="Chat with a running gateway over its WebSocket protocol.",
+        epilog=CHAT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    chat.add_argument("--url", help="the gateway, e.g. http://127.0.0.1:8000 (env CHATGATE_URL)")
+    chat.add_argument("--agent", help="agent to answer as (default: the gateway's general agent)")
+    chat.add_argument("--model", help="model to ask (default: the agent's)")
     chat.add_argument("--conversation", help="continue this conversation id")
-    chat.add_argument("--api-key", default=os.environ.get("CHATGATE_API_KEY"))
-    chat.add_argument("message", nargs="*")
+    chat.add_argument(
+        "--key", "--api-key", dest="key", default=os.environ.get("CHATGATE_API_KEY") or None,
+        help="API key when the gateway has keys (env CHATGATE_API_KEY)",
+    )
+    chat.add_argument("--stdin-as-one", action="store_true", help="send all of piped stdin as one message")
+    chat.add_argument("message", nargs="*", help="one message to answer, then exit")
     chat.set_defaults(run=_chat)
 
     hash_key = commands.add_parser(

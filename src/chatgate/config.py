@@ -67,89 +67,205 @@ class Settings(EnvironmentSettings):
         default_factory=dict
     )
 
-    host: str = Field("127.0.0.1", validation_alias=_env("CHATGATE_HOST"))
-    port: int = Field(8000, ge=0, le=65535, validation_alias=_env("CHATGATE_PORT", "GATEWAY_PORT"))
-    workers: int = Field(1, ge=1, le=64, validation_alias=_env("CHATGATE_WORKERS"))
+    host: str = Field(
+        "127.0.0.1", validation_alias=_env("CHATGATE_HOST"),
+        description="Address to listen on; a wildcard (0.0.0.0, ::) listens beyond this machine.",
+    )
+    port: int = Field(
+        8000, ge=0, le=65535, validation_alias=_env("CHATGATE_PORT", "GATEWAY_PORT"),
+        description="Port to listen on.",
+    )
+    workers: int = Field(
+        1, ge=1, le=64, validation_alias=_env("CHATGATE_WORKERS"),
+        description="Worker processes; they share conversations through the SQLite or Redis store (the memory store is refused).",
+    )
 
     #: ``auto`` or a registered provider's name, checked by :func:`load_settings`.
-    provider: str = Field("auto", validation_alias=_env("CHATGATE_PROVIDER", "PROVIDER"))
-    model: str | None = Field(
-        None, validation_alias=_env("CHATGATE_MODEL", "OLLAMA_MODEL", "OLLAMA_MODEL_GENERAL")
+    provider: str = Field(
+        "auto", validation_alias=_env("CHATGATE_PROVIDER", "PROVIDER"),
+        description="The upstream: auto or a registered provider's name (ollama, openai, gemini, local).",
     )
-    fallback_models: str = Field("", validation_alias=_env("CHATGATE_FALLBACK_MODELS"))
+    model: str | None = Field(
+        None, validation_alias=_env("CHATGATE_MODEL", "OLLAMA_MODEL", "OLLAMA_MODEL_GENERAL"),
+        description="Default model; unset: the provider's own default.",
+    )
+    fallback_models: str = Field(
+        "", validation_alias=_env("CHATGATE_FALLBACK_MODELS"),
+        description="Comma list of models tried in order when the model fails before its first token.",
+    )
 
     data_dir: Path = Field(
         Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "chatgate",
         validation_alias=_env("CHATGATE_DATA_DIR"),
+        description="Where the default SQLite file lives.",
     )
-    store: str = Field("", validation_alias=_env("CHATGATE_STORE"))
-    enable_memory: bool = Field(True, validation_alias=_env("CHATGATE_ENABLE_MEMORY", "ENABLE_MEMORY"))
+    store: str = Field(
+        "", validation_alias=_env("CHATGATE_STORE"),
+        description="memory, sqlite:///path.db, or redis://host:port/db (also rediss://, unix:///path.sock); empty: sqlite in the data directory.",
+    )
+    enable_memory: bool = Field(
+        True, validation_alias=_env("CHATGATE_ENABLE_MEMORY", "ENABLE_MEMORY"),
+        description="Send the conversation's history to the model.",
+    )
     memory_max_turns: int = Field(
         20,
         ge=0,
         validation_alias=_env("CHATGATE_MEMORY_MAX_TURNS", "HISTORY_MAX_LENGTH", "MEMORY_MAX_TURNS"),
+        description="Messages of history sent to the model.",
     )
-    session_ttl_s: float = Field(3600.0, gt=0, validation_alias=_env("CHATGATE_SESSION_TTL_S"))
-    memory_ttl_min: float | None = Field(None, gt=0, validation_alias=_env("MEMORY_TTL_MIN"))
+    session_ttl_s: float = Field(
+        3600.0, gt=0, validation_alias=_env("CHATGATE_SESSION_TTL_S"),
+        description="Seconds after which an idle conversation expires.",
+    )
+    memory_ttl_min: float | None = Field(
+        None, gt=0, validation_alias=_env("MEMORY_TTL_MIN"),
+        description="The idle expiry in minutes, as the Pi Agent server set it; used when CHATGATE_SESSION_TTL_S is not given.",
+    )
     sequential_session_ttl_s: float = Field(
-        300.0, gt=0, validation_alias=_env("CHATGATE_SEQUENTIAL_SESSION_TTL_S")
+        300.0, gt=0, validation_alias=_env("CHATGATE_SEQUENTIAL_SESSION_TTL_S"),
+        description="Idle seconds after which a sequential WebSocket session starts afresh.",
     )
     max_conversations: int = Field(
-        10_000, ge=1, validation_alias=_env("CHATGATE_MAX_CONVERSATIONS", "MEMORY_MAX_CONVERSATIONS")
+        10_000, ge=1, validation_alias=_env("CHATGATE_MAX_CONVERSATIONS", "MEMORY_MAX_CONVERSATIONS"),
+        description="Most conversations kept; the least recently used is evicted.",
     )
     max_message_bytes: int = Field(
-        16_384, ge=64, validation_alias=_env("CHATGATE_MAX_MESSAGE_BYTES", "MAX_MESSAGE_SIZE")
+        16_384, ge=64, validation_alias=_env("CHATGATE_MAX_MESSAGE_BYTES", "MAX_MESSAGE_SIZE"),
+        description="Largest client message in bytes; frames and bodies carrying the client's history may be larger.",
     )
     request_timeout_s: float = Field(
-        300.0, gt=0, validation_alias=_env("CHATGATE_REQUEST_TIMEOUT_S", "REQUEST_TIMEOUT")
+        300.0, gt=0, validation_alias=_env("CHATGATE_REQUEST_TIMEOUT_S", "REQUEST_TIMEOUT"),
+        description="Longest gap in seconds between two reads from the upstream.",
     )
     connect_timeout_s: float = Field(
-        5.0, gt=0, validation_alias=_env("CHATGATE_CONNECT_TIMEOUT_S", "CONNECT_TIMEOUT")
+        5.0, gt=0, validation_alias=_env("CHATGATE_CONNECT_TIMEOUT_S", "CONNECT_TIMEOUT"),
+        description="Seconds allowed to connect to the upstream.",
     )
-    cors_origins: str = Field("", validation_alias=_env("CHATGATE_CORS_ORIGINS", "CORS_ORIGINS"))
+    cors_origins: str = Field(
+        "", validation_alias=_env("CHATGATE_CORS_ORIGINS", "CORS_ORIGINS"),
+        description="Browser origins allowed for HTTP and WebSocket, a comma list (* for any); empty: same origin only.",
+    )
     #: Host header names served besides the loopback names and the address served on
     #: (:mod:`chatgate.api.browsers`): the DNS-rebinding guard.
-    allowed_hosts: str = Field("", validation_alias=_env("CHATGATE_ALLOWED_HOSTS"))
-    api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("CHATGATE_API_KEYS"))
+    allowed_hosts: str = Field(
+        "", validation_alias=_env("CHATGATE_ALLOWED_HOSTS"),
+        description="Host names served besides loopback names, IP addresses and the address served on (the DNS-rebinding guard): a comma list, .example.com for a domain and its subdomains, * to turn the check off.",
+    )
+    api_keys: SecretStr = Field(
+        SecretStr(""), validation_alias=_env("CHATGATE_API_KEYS"),
+        description="Accepted API keys, a comma list, or @file with one per line (sha256:HEX lines allowed); empty: no auth.",
+    )
     #: Signs WebSocket tickets and browsers' anonymous identity cookies (chatgate.api.auth).
-    secret: SecretStr = Field(SecretStr(""), validation_alias=_env("CHATGATE_SECRET"))
+    secret: SecretStr = Field(
+        SecretStr(""), validation_alias=_env("CHATGATE_SECRET"),
+        description="At least 16 characters signing WebSocket tickets and browsers' identity cookies; empty: random per start.",
+    )
     #: Paths that answer without a key when keys are on, besides those always open.
-    public_paths: str = Field("", validation_alias=_env("CHATGATE_PUBLIC_PATHS"))
-    rate_limit: str = Field("", validation_alias=_env("CHATGATE_RATE_LIMIT"))
-    max_streams_per_client: int = Field(0, ge=0, validation_alias=_env("CHATGATE_MAX_STREAMS_PER_CLIENT"))
-    max_connections: int = Field(10_000, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS"))
-    resume_grace_s: float = Field(30.0, ge=0, validation_alias=_env("CHATGATE_RESUME_GRACE_S"))
-    checkpoint_s: float = Field(1.0, gt=0, validation_alias=_env("CHATGATE_CHECKPOINT_S"))
+    public_paths: str = Field(
+        "", validation_alias=_env("CHATGATE_PUBLIC_PATHS"),
+        description="Comma list of paths that answer without a key when keys are on, e.g. /metrics.",
+    )
+    rate_limit: str = Field(
+        "", validation_alias=_env("CHATGATE_RATE_LIMIT"),
+        description="Requests per key (per client address when anonymous), e.g. 30/minute; empty: off.",
+    )
+    max_streams_per_client: int = Field(
+        0, ge=0, validation_alias=_env("CHATGATE_MAX_STREAMS_PER_CLIENT"),
+        description="Concurrent replies per client; 0: no cap.",
+    )
+    max_connections: int = Field(
+        10_000, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS"),
+        description="Open WebSockets; 0: no cap.",
+    )
+    resume_grace_s: float = Field(
+        30.0, ge=0, validation_alias=_env("CHATGATE_RESUME_GRACE_S"),
+        description="Seconds a generation outlives its dropped WebSocket, waiting for a resume.",
+    )
+    checkpoint_s: float = Field(
+        1.0, gt=0, validation_alias=_env("CHATGATE_CHECKPOINT_S"),
+        description="How often, in seconds, the answer so far is written to the store while it streams.",
+    )
     #: On SIGTERM, how long running answers may go on before they are cut (0: at once).
-    drain_s: float = Field(30.0, ge=0, validation_alias=_env("CHATGATE_DRAIN_S"))
+    drain_s: float = Field(
+        30.0, ge=0, validation_alias=_env("CHATGATE_DRAIN_S"),
+        description="On SIGTERM, seconds running answers may go on before they are cut; 0: at once.",
+    )
     #: Connection limits held by the server's protocols (chatgate.guard), before auth.
-    max_header_bytes: int = Field(65_536, ge=1024, validation_alias=_env("CHATGATE_MAX_HEADER_BYTES"))
-    max_headers: int = Field(100, ge=1, validation_alias=_env("CHATGATE_MAX_HEADERS"))
-    header_timeout_s: float = Field(10.0, gt=0, validation_alias=_env("CHATGATE_HEADER_TIMEOUT_S"))
-    body_timeout_s: float = Field(30.0, gt=0, validation_alias=_env("CHATGATE_BODY_TIMEOUT_S"))
-    keepalive_timeout_s: float = Field(5.0, gt=0, validation_alias=_env("CHATGATE_KEEPALIVE_TIMEOUT_S"))
+    max_header_bytes: int = Field(
+        65_536, ge=1024, validation_alias=_env("CHATGATE_MAX_HEADER_BYTES"),
+        description="Largest request head (request line and headers) in bytes: 431 beyond it.",
+    )
+    max_headers: int = Field(
+        100, ge=1, validation_alias=_env("CHATGATE_MAX_HEADERS"),
+        description="Most header lines in a request: 431 beyond it.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, validation_alias=_env("CHATGATE_HEADER_TIMEOUT_S"),
+        description="Seconds for a request head to arrive after its first byte: 408 beyond it.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, validation_alias=_env("CHATGATE_BODY_TIMEOUT_S"),
+        description="Seconds for a request body to arrive after its head: 408 beyond it.",
+    )
+    keepalive_timeout_s: float = Field(
+        5.0, gt=0, validation_alias=_env("CHATGATE_KEEPALIVE_TIMEOUT_S"),
+        description="Seconds a connection may send nothing, new or between requests, before it is closed.",
+    )
     max_connections_per_address: int = Field(
-        256, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS_PER_ADDRESS")
+        256, ge=0, validation_alias=_env("CHATGATE_MAX_CONNECTIONS_PER_ADDRESS"),
+        description="Open connections from one client address (proxies in FORWARDED_ALLOW_IPS exempt); 0: no cap.",
     )
-    send_buffer_bytes: int = Field(131_072, ge=0, validation_alias=_env("CHATGATE_SEND_BUFFER_BYTES"))
-    agents_dir: Path | None = Field(None, validation_alias=_env("CHATGATE_AGENTS_DIR"))
+    send_buffer_bytes: int = Field(
+        131_072, ge=0, validation_alias=_env("CHATGATE_SEND_BUFFER_BYTES"),
+        description="Kernel send buffer (SO_SNDBUF) of each client connection; 0: the kernel's own.",
+    )
+    agents_dir: Path | None = Field(
+        None, validation_alias=_env("CHATGATE_AGENTS_DIR"),
+        description="Folder of agent files (NAME.toml or NAME.json); unset: the built-in general agent only.",
+    )
     temperature: float | None = Field(
-        None, ge=0, le=2, validation_alias=_env("CHATGATE_TEMPERATURE", "TEMPERATURE")
+        None, ge=0, le=2, validation_alias=_env("CHATGATE_TEMPERATURE", "TEMPERATURE"),
+        description="Default sampling temperature, 0 to 2; unset: the model's.",
     )
-    num_ctx: int | None = Field(None, ge=1, validation_alias=_env("CHATGATE_NUM_CTX", "CTX_TOKENS"))
-    max_tokens: int | None = Field(None, ge=1, validation_alias=_env("CHATGATE_MAX_TOKENS", "MAX_TOKENS"))
+    num_ctx: int | None = Field(
+        None, ge=1, validation_alias=_env("CHATGATE_NUM_CTX", "CTX_TOKENS"),
+        description="Default context window in tokens; unset: the model's.",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, validation_alias=_env("CHATGATE_MAX_TOKENS", "MAX_TOKENS"),
+        description="Default most tokens per answer; unset: the model's.",
+    )
     #: Every answer ends (``length``) at this many tokens / after this many seconds; 0: no cap.
-    max_answer_tokens: int = Field(0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_TOKENS"))
-    max_answer_s: float = Field(600.0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_S"))
+    max_answer_tokens: int = Field(
+        0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_TOKENS"),
+        description="Every answer stops (finish_reason length) at this many tokens; 0: no cap.",
+    )
+    max_answer_s: float = Field(
+        600.0, ge=0, validation_alias=_env("CHATGATE_MAX_ANSWER_S"),
+        description="Every answer stops (finish_reason length) after this many seconds; 0: no cap.",
+    )
     #: The upstream's circuit breaker: opens after this many failed turns in a row (0: never),
     #: for this long before one probe turn is let through.
-    breaker_failures: int = Field(5, ge=0, validation_alias=_env("CHATGATE_BREAKER_FAILURES"))
-    breaker_cooldown_s: float = Field(30.0, gt=0, validation_alias=_env("CHATGATE_BREAKER_COOLDOWN_S"))
-    debug: bool = Field(False, validation_alias=_env("CHATGATE_DEBUG", "OLLAMA_DEBUG"))
+    breaker_failures: int = Field(
+        5, ge=0, validation_alias=_env("CHATGATE_BREAKER_FAILURES"),
+        description="Failed turns in a row after which the upstream's circuit breaker opens; 0: never.",
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, validation_alias=_env("CHATGATE_BREAKER_COOLDOWN_S"),
+        description="Seconds the circuit breaker stays open before one probe turn is let through.",
+    )
+    debug: bool = Field(
+        False, validation_alias=_env("CHATGATE_DEBUG", "OLLAMA_DEBUG"),
+        description="Debug logging: sets the log level to debug unless it is given.",
+    )
     #: Put prompt and answer text in trace spans (``gen_ai.input.messages`` / ``output.messages``).
-    trace_content: bool = Field(False, validation_alias=_env("CHATGATE_TRACE_CONTENT"))
+    trace_content: bool = Field(
+        False, validation_alias=_env("CHATGATE_TRACE_CONTENT"),
+        description="Put prompt and answer text in trace spans (gen_ai.input.messages, gen_ai.output.messages).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
-        "info", validation_alias=_env("CHATGATE_LOG_LEVEL")
+        "info", validation_alias=_env("CHATGATE_LOG_LEVEL"),
+        description="Log level: debug, info, warning or error.",
     )
 
     @field_validator("log_level", mode="before")

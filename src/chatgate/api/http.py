@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool, model_validator
 
+from chatgate import __version__
 from chatgate.api.auth import authenticated, caller, ticket_for
 from chatgate.api.errors import UPSTREAM_FAILURE, ORJSONResponse, RequestError, error_response
 from chatgate.api.responses import GenerationResponse, first_outcome, run_to_end
@@ -194,7 +195,7 @@ async def _health(request: Request) -> tuple[bool, dict[str, Any]]:
     status = "ok" if healthy else "degraded"
     if gateway.draining:  # shutting down: a load balancer should send nothing new here
         healthy, status = False, "draining"
-    return healthy, {"status": status, "checks": {"provider": provider, "store": store}}
+    return healthy, {"status": status, "version": __version__, "checks": {"provider": provider, "store": store}}
 
 
 @router.get("/health", responses={503: {"description": "the gateway is draining: shutting down"}})

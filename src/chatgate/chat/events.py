@@ -75,9 +75,9 @@ class DoneEvent(TypedDict):
     tool_calls: NotRequired[list[ToolCall]]
 
 
-class ErrorEvent(TypedDict, total=False):
+class ErrorEvent(TypedDict):
     type: Literal["error"]
-    id: str
+    id: NotRequired[str]
     code: ErrorCode
     message: str
     retryable: bool

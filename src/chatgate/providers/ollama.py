@@ -357,7 +357,10 @@ def _check_http_url(url: str) -> None:
 class OllamaSettings(ProviderSettings):
     """Where Ollama listens. Read whichever provider is chosen: ``auto`` decides by it."""
 
-    ollama_host: str = Field(DEFAULT_ADDRESS, validation_alias=AliasChoices("OLLAMA_HOST", "OLLAMA_URL"))
+    ollama_host: str = Field(
+        DEFAULT_ADDRESS, validation_alias=AliasChoices("OLLAMA_HOST", "OLLAMA_URL"),
+        description="Ollama's address: host, host:port or an http(s) URL.",
+    )
 
     @field_validator("ollama_host")
     @classmethod

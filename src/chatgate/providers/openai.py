@@ -313,8 +313,14 @@ _BASE_URL_REQUIRED = "CHATGATE_OPENAI_BASE_URL: required when CHATGATE_PROVIDER=
 
 
 class OpenAISettings(ProviderSettings):
-    openai_base_url: str | None = Field(None, validation_alias=AliasChoices("CHATGATE_OPENAI_BASE_URL"))
-    openai_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("CHATGATE_OPENAI_API_KEY"))
+    openai_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("CHATGATE_OPENAI_BASE_URL"),
+        description="Base URL of the OpenAI-compatible server (http://host:port means .../v1); required with CHATGATE_PROVIDER=openai.",
+    )
+    openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("CHATGATE_OPENAI_API_KEY"),
+        description="API key sent to the OpenAI-compatible server.",
+    )
 
     def problem(self) -> str | None:
         """There is no default server to talk to."""

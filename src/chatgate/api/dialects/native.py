@@ -8,7 +8,9 @@ had one.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
+
+from pydantic import Field
 
 from chatgate.api import tooling
 from chatgate.api.dialects.base import (
@@ -32,9 +34,77 @@ from chatgate.chat.events import ChatError
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 from chatgate.options import OptionError, parse_options
+from chatgate.vocabulary import ToolResult
 
 #: How much of an unknown ``type`` an error repeats.
 MAX_SHOWN_CHARS = 64
+
+#: An ``id``, ``conversation_id``, ``agent`` or ``model`` a client sends.
+FrameId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class OptionsFrame(TypedDict, total=False):
+    """``options`` of a ``chat`` frame, as :func:`chatgate.options.parse_options` reads them."""
+
+    temperature: float
+    max_tokens: int
+    max_completion_tokens: int
+    num_predict: int
+    num_ctx: int
+    top_p: float
+    stop: str | list[str]
+    seed: int
+    frequency_penalty: float
+    presence_penalty: float
+    top_k: int
+
+
+class ChatFrame(TypedDict):
+    """Start a reply: ``message``, or ``tool_results`` answering the last answer's calls.
+    ``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format`` are
+    OpenAI's chat-completions shapes (:mod:`chatgate.api.tooling` checks them)."""
+
+    type: Literal["chat"]
+    id: NotRequired[FrameId]
+    message: NotRequired[str]
+    tool_results: NotRequired[list[ToolResult]]
+    conversation_id: NotRequired[FrameId]
+    agent: NotRequired[FrameId]
+    model: NotRequired[FrameId]
+    options: NotRequired[OptionsFrame]
+    tools: NotRequired[list[dict[str, Any]]]
+    tool_choice: NotRequired[Literal["auto", "none", "required"] | dict[str, Any]]
+    parallel_tool_calls: NotRequired[bool]
+    response_format: NotRequired[dict[str, Any]]
+
+
+class CancelFrame(TypedDict):
+    type: Literal["cancel"]
+    id: FrameId
+
+
+class ResumeFrame(TypedDict):
+    """Replay reply ``id``'s pieces with ``seq`` above ``after`` (default 0), then follow it."""
+
+    type: Literal["resume"]
+    id: FrameId
+    after: NotRequired[Annotated[int, Field(ge=0)]]
+
+
+class ClearHistoryFrame(TypedDict):
+    type: Literal["clear_history"]
+    conversation_id: FrameId
+    id: NotRequired[FrameId]
+
+
+class PingFrame(TypedDict):
+    type: Literal["ping"]
+
+
+#: Every frame a native client sends; :meth:`NativeDialect.decode` checks them by hand.
+ClientFrame = Annotated[
+    ChatFrame | CancelFrame | ResumeFrame | ClearHistoryFrame | PingFrame, Field(discriminator="type")
+]
 
 
 @register_dialect("native")
