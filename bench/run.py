@@ -279,8 +279,8 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
     print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
     lanes = [Lane(Target("ws", "chatgate /ws, 1 worker", "ws", ws_url, ProcessTree(gateway.pid)))]
     for workers in (int(x) for x in args.stream_workers.split(",") if x and int(x) > 1):
-        more = start_gateway(args.out / "logs", f"chatgate-streams-{workers}w", slow.url, store_url(args),
-                             workers, gateway_env(args), args.server)
+        more = start_gateway(args.out / "logs", f"chatgate-streams-{workers}w", slow.url,
+                             shared_store_url(args, f"streams-{workers}w"), workers, gateway_env(args), args.server)
         services.append(more)
         url = more.url.replace("http://", "ws://") + "/ws"
         lanes.append(Lane(Target(f"ws-{workers}w", f"chatgate /ws, {workers} workers", "ws", url,
@@ -312,6 +312,17 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
     if bad:
         raise SystemExit(f"--gateway-env wants NAME=VALUE, got {bad}")
     return {name: value for name, _, value in pairs}
+
+
+def shared_store_url(args: argparse.Namespace, name: str) -> str:
+    """The store for a gateway of several workers, which cannot share the memory store: the
+    SQLite store (a database of its own) when the run asked for memory."""
+    if args.store != "memory":
+        return store_url(args)
+    path = args.out / f"{name}.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return f"sqlite:///{path}"
 
 
 def store_url(args: argparse.Namespace) -> str:
