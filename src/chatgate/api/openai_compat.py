@@ -290,7 +290,8 @@ def _tool_calls(done: DoneEvent) -> list[dict[str, Any]] | None:
     ]
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
+def completion_usage(done: DoneEvent) -> dict[str, int]:
+    """OpenAI's ``usage`` of an answer (chat and text completions alike)."""
     prompt, completion = done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
     return {
         "prompt_tokens": prompt,
@@ -338,7 +339,7 @@ class ChunkEncoder:
         last: dict[str, Any] = {**self.envelope, "choices": [choice]}
         if not self.include_usage:
             return b"data: " + orjson.dumps(last) + b"\n\ndata: [DONE]\n\n"
-        usage = {**self.envelope, "choices": [], "usage": _usage(done)}
+        usage = {**self.envelope, "choices": [], "usage": completion_usage(done)}
         return (
             b"data: " + orjson.dumps({**last, "usage": None}) + b"\n\n"
             b"data: " + orjson.dumps(usage) + b"\n\ndata: [DONE]\n\n"
@@ -425,7 +426,7 @@ async def chat_completions(request: Request) -> Response:
                 "finish_reason": _finish_reason(done),
             }
         ],
-        "usage": _usage(done),
+        "usage": completion_usage(done),
     }
     return ORJSONResponse(completion, headers=compat.conversation_headers(turn, generation))
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chatgate.api import compat
 from chatgate.api.auth import caller
 from chatgate.api.errors import ORJSONResponse, RequestError, openai_error, status_of
-from chatgate.api.openai_compat import ERRORS, SamplingFields, StreamOptions
+from chatgate.api.openai_compat import ERRORS, SamplingFields, StreamOptions, completion_usage
 from chatgate.chat.events import DoneEvent, Event
 from chatgate.options import OptionError, parse_options
 
@@ -75,11 +75,6 @@ def _finish_reason(done: DoneEvent) -> str:
     return "length" if done["finish_reason"] == "length" else "stop"
 
 
-def _usage(done: DoneEvent) -> dict[str, int]:
-    prompt, completion = done["usage"]["prompt_tokens"], done["usage"]["completion_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
 class TextChunkEncoder:
     """Native events → ``text_completion`` SSE chunks; the envelope is encoded once."""
 
@@ -96,7 +91,7 @@ class TextChunkEncoder:
             choice = {"text": "", "index": 0, "logprobs": None, "finish_reason": _finish_reason(event)}
             last = b"data: " + orjson.dumps({**self.envelope, "choices": [choice]}) + b"\n\n"
             if self.include_usage:
-                usage = {**self.envelope, "choices": [], "usage": _usage(event)}
+                usage = {**self.envelope, "choices": [], "usage": completion_usage(event)}
                 last += b"data: " + orjson.dumps(usage) + b"\n\n"
             return last + b"data: [DONE]\n\n"
         if event["type"] == "error":
@@ -166,6 +161,6 @@ async def completions(request: Request) -> Response:
     done = await compat.answer(request, generation)
     choice = {"text": generation.text, "index": 0, "logprobs": None, "finish_reason": _finish_reason(done)}
     return ORJSONResponse(
-        {**envelope, "choices": [choice], "usage": _usage(done)},
+        {**envelope, "choices": [choice], "usage": completion_usage(done)},
         headers=compat.conversation_headers(turn, generation),
     )
