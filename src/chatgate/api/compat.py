@@ -97,6 +97,15 @@ def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     return body
 
 
+#: How the OpenAPI description shows a Server-Sent Events answer: each event, its ``data``
+#: (one JSON document as text) and its ``event`` name.
+SSE_CONTENT: dict[str, Any] = {
+    "text/event-stream": {
+        "schema": {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+    }
+}
+
+
 def error_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for every error status, each answered with ``model``."""
     return {status: {"model": model} for status in ERROR_STATUSES}

@@ -371,14 +371,7 @@ def _call_piece(event: ToolCallEvent) -> dict[str, Any]:
         200: {
             "model": ChatCompletion,
             # Each Server-Sent Event carries one chat.completion.chunk as JSON in `data`.
-            "content": {
-                "text/event-stream": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
-                    }
-                }
-            },
+            "content": compat.SSE_CONTENT,
         },
     },
 )

@@ -125,7 +125,7 @@ class TextCompletion(BaseModel):
         200: {
             "model": TextCompletion,
             # Each Server-Sent Event carries one text_completion chunk as JSON in `data`.
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": compat.SSE_CONTENT,
         },
     },
 )

@@ -534,7 +534,7 @@ async def _history(
     responses={
         **compat.error_responses(ErrorBody),
         200: {"content": {"application/json": {"schema": {"type": "object"}},
-                          "text/event-stream": {"schema": {"type": "string"}}}},
+                          **compat.SSE_CONTENT}},
     },
 )
 async def create_response(request: Request) -> Response:
