@@ -26,6 +26,10 @@ connection:
 :class:`GuardedWebSocketProtocol` is uvicorn's websockets sans-I/O protocol with the same
 write deadline, counted in the same per-address cap; frames are held to uvicorn's
 ``ws_max_size``, which :func:`guarded_server` sets to the largest frame any dialect takes.
+It also offers the application a synchronous text-frame writer (the ASGI scope extension
+:data:`chatgate.api.delivery.TEXT_FRAMES`): a token's frame is one transport write, not an
+ASGI ``send`` coroutine; and it keeps less per idle socket than uvicorn's (a list and a
+future instead of an asyncio queue and event, no handshake headers after the handshake).
 
 The checks cost a counter per read while a head is being read, a callback per header line,
 a timer per head or body that does not arrive in one read, and nothing per streamed token.
@@ -45,8 +49,10 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+from websockets.protocol import State
 
-from chatgate.api.delivery import SEND_TIMEOUT_S
+from chatgate.api.delivery import SEND_TIMEOUT_S, TEXT_FRAMES
 from chatgate.api.limits import SizeLimits
 
 if TYPE_CHECKING:
@@ -381,11 +387,52 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = guard
         self._write_timer: asyncio.TimerHandle | None = None
+        # What uvicorn uses of an asyncio.Queue and an asyncio.Event, without their four
+        # deques: 3 KiB of every idle socket (bench/RESULTS.md).
+        self.queue = _Inbox(self.loop)  # type: ignore[assignment]
+        self.writable = _Flag(self.loop)  # type: ignore[assignment]
+        self.writable.set()
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][TEXT_FRAMES] = self.write_text
+
+    def start_keepalive(self) -> None:
+        """Called once the handshake's response is written: the request and response
+        objects are not needed after it. The websockets parser keeps the request for the
+        socket's life, so its headers (a few KiB) are emptied; the scope has its own copy."""
+        super().start_keepalive()
+        self.request.headers.clear()
+        self.request = self.response = None  # type: ignore[assignment]
+
+    def write_text(self, payload: bytes) -> bool:
+        """Write ``payload`` (UTF-8) as one text frame now, if the socket takes frames
+        without waiting; ``False`` sends nothing, and the frame goes through ASGI ``send``.
+
+        The frame is built here rather than by the websockets protocol object: a frame header
+        and one transport write, where ``send`` costs a coroutine, an event wait and a frame
+        object per token. Never compressed: chatgate does not negotiate permessage-deflate
+        (``ws_per_message_deflate`` in :mod:`chatgate.app`)."""
+        if self.close_sent or not self.writable.is_set() or self.conn.state is not State.OPEN:
+            return False
+        size = len(payload)
+        if size < 126:
+            self.transport.write(bytes((0x81, size)) + payload)
+        elif size < 65536:
+            self.transport.write(b"\x81\x7e" + size.to_bytes(2, "big") + payload)
+        else:
+            self.transport.write(b"\x81\x7f" + size.to_bytes(8, "big") + payload)
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"].pop(TEXT_FRAMES, None)  # the scope outlives the socket in the app
         super().connection_lost(exc)
         self.guard.release(self.client[0] if self.client else None)
 
@@ -408,6 +455,73 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
                    "send_timeout_s": self.guard.limits.send_timeout_s},
         )
         _reset(self.transport)
+
+
+class _Inbox:
+    """A WebSocket's received messages for its one reader, the application's ``receive``:
+    ``put_nowait``, ``get`` and ``empty``, as uvicorn uses them of an :class:`asyncio.Queue`."""
+
+    __slots__ = ("_items", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._items: list[Any] = []
+        self._loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class _Flag:
+    """Whether a socket takes writes: ``set``, ``clear``, ``is_set`` and ``wait``, as uvicorn
+    uses them of an :class:`asyncio.Event`."""
+
+    __slots__ = ("_loop", "_set", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = self._loop.create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 def _set_send_buffer(transport: asyncio.BaseTransport, size: int) -> None:

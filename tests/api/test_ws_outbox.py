@@ -19,6 +19,7 @@ import pytest
 from starlette.websockets import WebSocket
 
 from chatgate.api import delivery, ws
+from chatgate.api.delivery import TEXT_FRAMES
 from chatgate.api.dialects import Peer, dialect_named
 from chatgate.chat.agents import load_agents
 from chatgate.config import load_settings
@@ -44,6 +45,9 @@ class ClientSide:
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.frames: list[dict[str, Any]] = []
+        #: Frames that came through the server's synchronous text-frame writer, if offered.
+        self.offers_text_frames = False
+        self.direct = 0
         self.closed_with: int | None = None
         self.reading = asyncio.Event()
         self.reading.set()
@@ -58,6 +62,15 @@ class ClientSide:
         elif message["type"] == "websocket.close":
             self.closed_with = message.get("code", 1000)
             self.inbox.put_nowait({"type": "websocket.disconnect", "code": self.closed_with})
+
+    def text_frames(self, payload: bytes) -> bool:
+        """The server's synchronous writer (:data:`TEXT_FRAMES`): it takes a frame only
+        while the client reads, as a socket with room in its buffers does."""
+        if not self.reading.is_set():
+            return False
+        self.frames.append(orjson.loads(payload))
+        self.direct += 1
+        return True
 
     def say(self, frame: dict[str, Any]) -> None:
         self.inbox.put_nowait({"type": "websocket.receive", "text": orjson.dumps(frame).decode()})
@@ -79,10 +92,16 @@ async def gateway(fake: FakeLLM) -> AsyncIterator[Gateway]:
         await close_gateway(opened)
 
 
-@pytest.fixture
-async def client(gateway: Gateway) -> AsyncIterator[ClientSide]:
+@pytest.fixture(params=["asgi-send", "text-frames"])
+async def client(gateway: Gateway, request: pytest.FixtureRequest) -> AsyncIterator[ClientSide]:
+    """A client behind a server that takes every frame through ASGI ``send``, or one that
+    also offers the synchronous text-frame writer (chatgate's own, under ``chatgate serve``)."""
     side = ClientSide()
-    scope = {"type": "websocket", "path": "/ws", "headers": [], "query_string": b"", "client": ("127.0.0.1", 9)}
+    side.offers_text_frames = request.param == "text-frames"
+    scope: dict[str, Any] = {
+        "type": "websocket", "path": "/ws", "headers": [], "query_string": b"", "client": ("127.0.0.1", 9),
+        "extensions": {TEXT_FRAMES: side.text_frames} if side.offers_text_frames else {},
+    }
     socket = WebSocket(scope, side.receive, side.send)  # type: ignore[arg-type]
     side.inbox.put_nowait({"type": "websocket.connect"})
     await asyncio.wait_for(socket.accept(), BOUND_S)
@@ -102,6 +121,8 @@ async def test_a_reading_client_gets_every_token_in_order(client: ClientSide) ->
     assert "".join(d["text"] for d in deltas) == fake_reply(40)
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert [f["type"] for f in client.frames] == ["start", *["delta"] * len(deltas), "done"]
+    if client.offers_text_frames:
+        assert client.direct == len(client.frames)  # none waited for ASGI send
 
 
 async def test_a_slow_client_gets_everything_in_order_in_fewer_frames(
@@ -121,6 +142,8 @@ async def test_a_slow_client_gets_everything_in_order_in_fewer_frames(
     assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
     assert len(deltas) < 40  # what piled up while it did not read went out as a few deltas
     await wait_until(lambda: {"type": "pong"} in client.frames)
+    if client.offers_text_frames:  # written directly until the client fell behind, then in order by send
+        assert 0 < client.direct < len(client.frames)
 
 
 async def test_a_client_that_stops_reading_is_disconnected_and_its_answer_kept(

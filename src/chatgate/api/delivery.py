@@ -40,6 +40,11 @@ SEND_TIMEOUT_S = 10.0
 #: it follows wait in their logs instead).
 MAX_QUEUED_BYTES = 1 << 20
 _MESSAGE_BYTES = 256
+#: The ASGI scope extension through which a server that offers it takes WebSocket text
+#: frames synchronously (:class:`chatgate.guard.GuardedWebSocketProtocol`): called with the
+#: frame's UTF-8 payload, it writes the frame and returns ``True``, or writes nothing and
+#: returns ``False`` when the frame must wait (the socket's buffers are full, or it is closing).
+TEXT_FRAMES = "chatgate.text_frames"
 #: Writes one event of ``generation`` to the client, encoded in its protocol.
 Deliver = Callable[[Event, Generation], None]
 
@@ -51,13 +56,15 @@ class Outbox:
         self,
         send: Send,
         *,
+        text_frames: Callable[[bytes], bool] | None = None,
         on_drained: Callable[[], None] | None = None,
         on_stuck: Callable[[], None] | None = None,
     ) -> None:
         self._send = send
+        self._text_frames = text_frames
         self._on_drained = on_drained
         self._on_stuck = on_stuck
-        self._queue: deque[Message] = deque()
+        self._queue: deque[Message] | None = None  # made when a client first falls behind
         self._queued_bytes = 0
         self._drainer: asyncio.Task[None] | None = None
         self.broken = False
@@ -81,6 +88,8 @@ class Outbox:
             if self._queued_bytes > MAX_QUEUED_BYTES:
                 self._give_up()
             else:
+                if self._queue is None:
+                    self._queue = deque()
                 self._queue.append(message)
             return
         sending = self._send(message)
@@ -96,6 +105,14 @@ class Outbox:
             rest = _finish(sending, waiting_on)
         self._drainer = asyncio.create_task(self._drain(rest))
 
+    def write_text(self, payload: bytes) -> None:
+        """A WebSocket text frame of ``payload`` (UTF-8): written by the server at once when
+        it offers :data:`TEXT_FRAMES` and nothing waits before it, else as :meth:`write`."""
+        if self._text_frames is not None and self._drainer is None and not self.broken:
+            if self._text_frames(payload):
+                return
+        self.write({"type": "websocket.send", "text": payload.decode()})
+
     async def _drain(self, first: Awaitable[None]) -> None:
         try:
             async with asyncio.timeout(SEND_TIMEOUT_S):
@@ -110,7 +127,7 @@ class Outbox:
             return
         except OSError:
             self.broken = True
-            self._queue.clear()
+            self._queue = None
             return
         finally:
             self._drainer = None
@@ -121,20 +138,21 @@ class Outbox:
         if self.broken:
             return
         self.broken = True
-        self._queue.clear()
+        self._queue = None
         self._queued_bytes = 0
         if self._on_stuck is not None:
             self._on_stuck()
 
     def close(self) -> None:
         self.broken = True
-        self._queue.clear()
+        self._queue = None
         if self._drainer is not None:
             self._drainer.cancel()
         # The callbacks usually lead back to whoever owns this outbox: dropping them lets
         # reference counting free both, instead of leaving the cycle collector a cycle
         # per connection or response.
         self._on_drained = self._on_stuck = None
+        self._text_frames = None
 
 
 @dataclass(slots=True, eq=False)

@@ -33,7 +33,6 @@ import dataclasses
 import logging
 import re
 import uuid
-from collections import deque
 from typing import TYPE_CHECKING, assert_never
 
 import orjson
@@ -42,7 +41,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from chatgate.api.auth import caller, refusal
 from chatgate.api.browsers import BrowserBoundary, boundary_of
-from chatgate.api.delivery import Follower, Outbox
+from chatgate.api.delivery import TEXT_FRAMES, Follower, Outbox
 from chatgate.api.dialects import Dialect, DialectFactory, Peer, dialect_named, first_frame
 from chatgate.api.dialects.base import (
     Cancel,
@@ -90,11 +89,16 @@ class Connection:
         self.peer = peer
         self.gateway = peer.gateway
         self.dialect = dialect
-        self.outbox = Outbox(websocket._send, on_drained=self._caught_up, on_stuck=self._stuck)
+        self.outbox = Outbox(
+            websocket._send,
+            text_frames=websocket.scope["extensions"].get(TEXT_FRAMES) if "extensions" in websocket.scope else None,
+            on_drained=self._caught_up,
+            on_stuck=self._stuck,
+        )
         self.follower = Follower(self.outbox, self._deliver)
         self._closing: asyncio.Task[None] | None = None
         #: Seed dialects' commands waiting for the answer before them to end, in order.
-        self._backlog: deque[Chat | ClearHistory] = deque()
+        self._backlog: list[Chat | ClearHistory] = []  # at most MAX_QUEUED_TURNS + 1
         self._turns: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -192,7 +196,7 @@ class Connection:
                     await self._answer(self._backlog[0])
                 finally:
                     if self._backlog:
-                        self._backlog.popleft()
+                        del self._backlog[0]
         except WebSocketDisconnect:
             return
         finally:
@@ -240,11 +244,11 @@ class Connection:
         """Send one frame as it is (a dialect's own reply)."""
         if self.outbox.broken:
             raise WebSocketDisconnect(1006)
-        self.outbox.write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+        self.outbox.write_text(orjson.dumps(frame))
 
     def _push(self, event: Outgoing, generation: Generation | None) -> None:
         for frame in self.dialect.encode(event, generation):
-            self.outbox.write({"type": "websocket.send", "text": orjson.dumps(frame).decode()})
+            self.outbox.write_text(orjson.dumps(frame))
 
     def _caught_up(self) -> None:
         self.follower.resume()
