@@ -1,17 +1,25 @@
-"""The SQLite store: one ``sqlite3`` connection in WAL mode on a thread of its own,
-schema versioned by ``PRAGMA user_version``.
+"""The SQLite store: ``sqlite3`` in WAL mode, schema versioned by ``PRAGMA user_version``.
 
-Every store call is one hop to that thread: the call's whole transaction (BEGIN, all
-its statements, COMMIT) runs there as one synchronous function of :class:`_Database`.
-With aiosqlite each statement was a hop of its own, and the hops, not SQLite, were
-most of a call's cost. aiosqlite runs callables on its thread only through private
-API (``Connection._execute``), so the store uses the standard module on a
-``ThreadPoolExecutor(max_workers=1)`` instead: the executor's queue runs the calls one
-after another, which is what keeps one call's statements out of another's ``BEGIN``
-(the lock the aiosqlite version needed). A cancelled call either never started (it
-leaves the queue) or runs to its COMMIT, never halfway. ``sqlite3`` keeps each
-connection's prepared statements (128, more than the store has), so the SQL strings
-are compiled once.
+Each store call is one transaction (BEGIN, all its statements, COMMIT), one synchronous
+function of :class:`_Database`, run in one of two places:
+
+- **on the event loop, at once**, on a connection that never waits: in WAL mode with
+  ``synchronous=NORMAL`` a commit appends to the log in the page cache and syncs nothing,
+  so a call costs tens of microseconds, less than a hop to a thread and back (measured:
+  about 1 ms of a turn's CPU went to its three hops, not to SQLite; bench/CHANGES.md);
+- **on the store's thread** (``ThreadPoolExecutor(max_workers=1)``), whose connection
+  waits out locks: when another process holds the write lock (a second worker on the
+  same file; the loop's connection gets ``SQLITE_BUSY`` at once, rolls back and the call
+  is queued here instead), while earlier calls still wait here (so calls run in the order
+  they were made), for the purge, which may delete many rows, and for the file's opening
+  and migrations. The thread also copies the log into the database file every
+  ``WRITES_PER_CHECKPOINT`` writes (a passive checkpoint, the only step that syncs to
+  disk), which the loop's connection never does itself.
+
+A queued call that is cancelled either never started (it leaves the queue) or runs to its
+COMMIT, never halfway. ``sqlite3`` keeps each connection's prepared statements (128, more
+than the store has), so the SQL strings are compiled once. ``sqlite:///:memory:`` is one
+connection, on the thread: a second would be another database.
 
 Writers begin with ``BEGIN IMMEDIATE``: most read before they write, and a deferred
 transaction whose read snapshot is stale fails at its first write instead of waiting
@@ -34,6 +42,7 @@ A message's tool calls and results are one JSON object in ``messages.tools``
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +64,10 @@ from chatgate.store.memory import title_of
 
 URL_PREFIX = "sqlite:///"
 MEMORY_PATH = ":memory:"
+#: The thread checkpoints the write-ahead log after this many writes (a write is a few
+#: pages; SQLite's own default is every 1,000 pages).
+WRITES_PER_CHECKPOINT = 250
+log = logging.getLogger("chatgate.store")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -195,6 +208,9 @@ class _Database:
 
     @classmethod
     def connect(cls, path: str, limits: StoreLimits) -> _Database:
+        """The connection of the store's thread: it waits out another process's write
+        lock (``sqlite3``'s default busy timeout, 5 s), applies the migrations, and
+        checkpoints the write-ahead log into the database file as SQLite does by default."""
         if path != MEMORY_PATH:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are the explicit BEGIN in transaction().
@@ -210,6 +226,29 @@ class _Database:
             db.close()
             raise
         return database
+
+    @classmethod
+    def connect_inline(cls, path: str, limits: StoreLimits) -> _Database:
+        """The connection the event loop uses itself, once the thread's has migrated the
+        file: it never waits (no busy timeout; a locked database is an error the store
+        answers by queueing the call for the thread) and never checkpoints, which writes
+        the database file and syncs it to disk; the thread does that (``checkpoint_log``).
+        A commit then only appends to the log, in the page cache (``synchronous=NORMAL``)."""
+        db = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, limits)
+
+    def checkpoint_log(self) -> None:
+        """Copy the write-ahead log into the database file, without waiting for readers
+        or writers (a passive checkpoint): what SQLite does after every 1,000 pages
+        written by a connection that checkpoints automatically."""
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def close(self) -> None:
         self._db.close()
@@ -255,10 +294,11 @@ class _Database:
         agent: str,
         now: float,
     ) -> None:
-        self._open_conversation(conversation_id, owner, agent, title_of(messages), now)
+        created = self._open_conversation(conversation_id, owner, agent, title_of(messages), now)
         self._db.executemany(_INSERT_MESSAGE, [_message_values(conversation_id, m) for m in messages])
         self._trim(conversation_id)
-        self._evict(conversation_id)
+        if created:  # only a new conversation can take the count over the cap
+            self._evict(conversation_id)
 
     def begin_turn(
         self,
@@ -284,7 +324,8 @@ class _Database:
             (conversation_id, conversation_id, MAX_OPEN_TURNS),
         )
         self._trim(conversation_id)
-        self._evict(conversation_id)
+        if created:
+            self._evict(conversation_id)
 
     def checkpoint(self, conversation_id: str, turn_id: str, text: str, now: float) -> None:
         turn = self._open_turn(conversation_id, turn_id, now)
@@ -499,6 +540,12 @@ class SqliteStore:
         self._clock = clock
         self._thread: ThreadPoolExecutor | None = None
         self._database: _Database | None = None
+        self._inline: _Database | None = None
+        #: Calls queued for the thread and not yet done: while there are any, later calls
+        #: queue behind them, so that calls run in the order they were made.
+        self._queued = 0
+        self._writes_since_checkpoint = 0
+        self._checkpointing = False
 
     async def open(self) -> None:
         thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatgate-sqlite")
@@ -510,9 +557,14 @@ class SqliteStore:
             thread.shutdown(wait=False)
             raise
         self._thread = thread
+        if self.path != MEMORY_PATH:  # another connection to ":memory:" is another database
+            self._inline = _Database.connect_inline(self.path, self._limits)
 
     async def close(self) -> None:
         """Close the connection after the calls already queued, then end the thread."""
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         if self._thread is None or self._database is None:
             return
         thread, self._thread = self._thread, None
@@ -580,7 +632,8 @@ class SqliteStore:
         return await self._write(_Database.delete, conversation_id, self._clock())
 
     async def purge_expired(self) -> int:
-        return await self._write(_Database.purge_expired, self._clock())
+        # Maintenance that may delete many rows: on the thread, never holding up the loop.
+        return await self._on_thread("BEGIN IMMEDIATE", _Database.purge_expired, self._clock())
 
     async def ping(self) -> None:
         await self._read(_Database.ping)
@@ -588,12 +641,35 @@ class SqliteStore:
     async def _write(
         self, work: Callable[Concatenate[_Database, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        return await self._on_thread("BEGIN IMMEDIATE", work, *args, **kwargs)
+        result = await self._run("BEGIN IMMEDIATE", work, *args, **kwargs)
+        self._writes_since_checkpoint += 1
+        if self._writes_since_checkpoint >= WRITES_PER_CHECKPOINT and not self._checkpointing:
+            self._checkpoint_log()
+        return result
 
     async def _read(
         self, work: Callable[Concatenate[_Database, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        return await self._on_thread("BEGIN", work, *args, **kwargs)
+        return await self._run("BEGIN", work, *args, **kwargs)
+
+    async def _run(
+        self,
+        begin: str,
+        work: Callable[Concatenate[_Database, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``work`` in one transaction: here, at once, when nothing waits on the thread
+        and no other process holds the write lock; else queued for the thread."""
+        if self._inline is not None and not self._queued:
+            try:
+                return self._inline.transaction(begin, work, *args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                # Another process writes (a second worker on this file): wait for it on the
+                # thread, not here. Whatever the call did was rolled back; it runs again there.
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+        return await self._on_thread(begin, work, *args, **kwargs)
 
     async def _on_thread(
         self,
@@ -610,7 +686,30 @@ class SqliteStore:
         def run() -> T:
             return database.transaction(begin, work, *args, **kwargs)
 
-        return await asyncio.wrap_future(self._thread.submit(run))
+        loop = asyncio.get_running_loop()
+        self._queued += 1
+        queued = self._thread.submit(run)
+        queued.add_done_callback(lambda _: loop.call_soon_threadsafe(self._dequeued))
+        return await asyncio.wrap_future(queued)
+
+    def _dequeued(self) -> None:
+        self._queued -= 1
+
+    def _checkpoint_log(self) -> None:
+        """Have the thread copy the log into the database file, beside the calls."""
+        database = self._database
+        if self._thread is None or database is None:
+            return
+        self._writes_since_checkpoint = 0
+        self._checkpointing = True
+        loop = asyncio.get_running_loop()
+        done = self._thread.submit(database.checkpoint_log)
+        done.add_done_callback(lambda _: loop.call_soon_threadsafe(self._checkpointed, done))
+
+    def _checkpointed(self, done: Future[None]) -> None:
+        self._checkpointing = False
+        if not done.cancelled() and done.exception() is not None:
+            log.warning("could not checkpoint the SQLite log: %s", done.exception())
 
 
 @register_store("sqlite")
