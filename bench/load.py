@@ -112,7 +112,8 @@ async def read_text(session: aiohttp.ClientSession, job: Job, body: bytes, answe
 
 
 async def read_ollama(session: aiohttp.ClientSession, job: Job, body: bytes, answer: Answer) -> None:
-    """Ollama ``/api/chat`` NDJSON: one line per token, then a ``done`` line."""
+    """Ollama ``/api/chat`` NDJSON, from the fake or the gateway: lines of content (the fake's
+    hold one token each; the gateway's may join several), then a ``done`` line."""
     answer.started = time.monotonic()
     async with session.post(job.url, data=body, headers=JSON_HEADERS) as response:
         await _expect_ok(response)
@@ -125,8 +126,9 @@ async def read_ollama(session: aiohttp.ClientSession, job: Job, body: bytes, ans
                 raise AnswerError(f"upstream error line: {data['error']}"[:200])
             if data.get("done"):
                 return
-            if (data.get("message") or {}).get("content"):
-                answer.arrivals.append(now)
+            content = (data.get("message") or {}).get("content")
+            if content:
+                arrived(answer, content, now)
     raise AnswerError("stream ended without a done line")
 
 

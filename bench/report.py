@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-CHATGATE_TARGETS = ("chat", "ws", "openai")
+CHATGATE_TARGETS = ("chat", "ws", "openai", "ollama")
+API_LABELS = {"chat": "POST /chat", "ws": "/ws", "openai": "/v1/chat/completions", "ollama": "/api/chat"}
+#: The stream count at which the gateway's connect p99 and CPU per token are judged against
+#: the bare relay's (run.py makes the 1-worker gateway lane run it whatever came before).
+STREAMS_COMPARED_AT = 1000
 
 
 @dataclass
@@ -25,11 +30,14 @@ class Verdict:
         return {True: "pass", False: "**FAIL**", None: "not measured"}[self.passed]
 
 
-def _cell(results: dict[str, Any], target: str, level: int) -> dict[str, Any] | None:
-    return next((c for c in results["cells"] if c["target"] == target and c["concurrency"] == level), None)
+def _cell(results: dict[str, Any], target: str, level: int, cells: str = "cells") -> dict[str, Any] | None:
+    """A cell of the main run, or with ``cells="sqlite_cells"`` of the SQLite-store gateway."""
+    return next((c for c in results.get(cells) or [] if c["target"] == target and c["concurrency"] == level), None)
 
 
 def added_ttft(results: dict[str, Any], cell: dict[str, Any]) -> float | None:
+    """The cell's TTFT p50 minus the direct upstream's at its level (from the main run, for
+    the SQLite-store cells too: the same fake served both)."""
     direct = _cell(results, "direct", cell["concurrency"])
     if direct is None or cell["target"] == "direct" or None in (cell["ttft_p50_ms"], direct["ttft_p50_ms"]):
         return None
@@ -48,30 +56,86 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """The Targets table: the answers targets on both stores, then the tail, streams and idle ones."""
+    stores = (("cells", f"{results['settings']['store']} store"), ("sqlite_cells", "SQLite store"))
     found: list[Verdict] = []
-    labels = {"chat": "POST /chat", "ws": "/ws", "openai": "/v1/chat/completions"}
-    for key in CHATGATE_TARGETS:
-        cell = _cell(results, key, 1)
-        added = added_ttft(results, cell) if cell else None
-        found.append(Verdict(f"added TTFT p50 at 1 client ≤ 1 ms ({labels[key]})",
-                             _fmt(added, 3, " ms"), None if added is None else added <= 1.0))
-    for key, floor, label in (("chat", 1000, "HTTP streaming (/chat)"),
-                              ("ws", 800, "WebSocket, new connection per answer")):
-        cell = _cell(results, key, 50)
-        rate = cell["answers_per_s"] if cell else None
-        found.append(Verdict(f"≥ {floor:,} answers/s at 50 clients, {label}", _fmt(rate, 0, " answers/s"),
-                             None if rate is None else rate >= floor))
-    gateways = [lane for lane in (results.get("streams") or {}).get("lanes", []) if not lane["reference"]]
-    best = max((lane["max_streams_within_budget"] for lane in gateways), default=None)
-    held = "; ".join(f"{lane['max_streams_within_budget']:,} streams ({lane['label'].split(', ')[-1]})"
-                     for lane in gateways)
-    found.append(Verdict("≥ 2,000 concurrent 20-tokens/s WebSocket streams, added p99 gap ≤ 50 ms",
-                         held or "-", None if best is None else best >= 2000))
+    for cells, store in stores:
+        for key in CHATGATE_TARGETS:
+            cell = _cell(results, key, 1, cells)
+            added = added_ttft(results, cell) if cell else None
+            found.append(Verdict(f"added TTFT p50 at 1 client ≤ 1 ms ({API_LABELS[key]}, {store})",
+                                 _fmt(added, 3, " ms"), None if added is None else added <= 1.0))
+    for key, floor, label in (("chat", 1000, "HTTP streaming (POST /chat)"),
+                              ("ws", 800, "WebSocket, new connection per answer (/ws)")):
+        for cells, store in stores:
+            cell = _cell(results, key, 50, cells)
+            rate = cell["answers_per_s"] if cell else None
+            found.append(Verdict(f"≥ {floor:,} answers/s at 50 clients, {label}, {store}",
+                                 _fmt(rate, 0, " answers/s"), None if rate is None else rate >= floor))
+    found += [_tail(results, key) for key in ("openai", "ollama")]
+    found += _stream_verdicts(results)
     idle = results.get("idle_ws")
     per = idle["kib_per_connection"] if idle else None
-    found.append(Verdict("≤ 30 KiB RSS per idle WebSocket connection", _fmt(per, 1, " KiB"),
-                         None if per is None else per <= 30))
+    opened = f" ({idle['opened']:,} open)" if idle else ""
+    found.append(Verdict("≤ 20 KiB RSS per idle WebSocket connection (5,000 open)", _fmt(per, 1, " KiB") + opened,
+                         None if per is None else per <= 20))
     return found
+
+
+def _tail(results: dict[str, Any], key: str) -> Verdict:
+    """TTFT p99 at 200 clients on ``key`` against POST /chat's: a compatible API must not add a tail."""
+    target = f"TTFT p99 at 200 clients on {API_LABELS[key]} ≤ 1.5x POST /chat's"
+    theirs, ours = (_cell(results, k, 200) for k in (key, "chat"))
+    p99, reference = (c["ttft_p99_ms"] if c else None for c in (theirs, ours))
+    if p99 is None or not reference:
+        return Verdict(target, f"{_fmt(p99)} ms vs {_fmt(reference)} ms", None)
+    return Verdict(target, f"{p99:,.2f} ms vs {reference:,.2f} ms ({p99 / reference:.2f}x)", p99 <= 1.5 * reference)
+
+
+def _stream_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """The gateway's 1-worker lane against the bare relay's: connect p99 and CPU per token at
+    STREAMS_COMPARED_AT, and the counts each held. Not measured when the ramp did not run; a
+    side missing from a ramp that ran is a FAIL."""
+    at = STREAMS_COMPARED_AT
+    targets = (f"connect p99 with {at:,} streams held ≤ 100 ms and ≤ 10x the bare relay's",
+               "streams held within budget ≥ 90 % of the bare relay's count",
+               f"gateway CPU per token with {at:,} streams held ≤ 1.5x the bare relay's")
+    streams = results.get("streams")
+    if not streams or "steps" not in streams:
+        return [Verdict(target, "-", None) for target in targets]
+    return [
+        _against_relay(targets[0], streams, "connect_p99_ms", " ms",
+                       lambda ours, ratio: ours <= 100 and ratio is not None and ratio <= 10),
+        _held(targets[1], streams),
+        _against_relay(targets[2], streams, "held_server_us_per_token", " µs",
+                       lambda _ours, ratio: ratio is not None and ratio <= 1.5),
+    ]
+
+
+def _against_relay(target: str, streams: dict[str, Any], key: str, unit: str,
+                   judge: Callable[[float, float | None], bool]) -> Verdict:
+    """``key`` of the gateway's step at STREAMS_COMPARED_AT against the bare relay's;
+    ``judge(gateway's, ratio)`` decides."""
+    sides = []
+    for via, name, missing in (("ws", "gateway", "not reached"), ("relay", "bare relay", "not run")):
+        step = next((s for s in streams["steps"] if s["via"] == via and s["streams"] == STREAMS_COMPARED_AT), None)
+        value = None if step is None else step.get(key)
+        shown = _fmt(value, 1, unit) if value is not None else (missing if step is None else "no figure")
+        sides.append((value, f"{name} {shown}"))
+    (ours, ours_shown), (relay, relay_shown) = sides
+    if ours is None or relay is None:
+        return Verdict(target, f"{ours_shown}, {relay_shown}", False)
+    ratio = ours / relay if relay else None
+    return Verdict(target, f"{ours_shown}, {relay_shown} ({_fmt(ratio)}x)", judge(ours, ratio))
+
+
+def _held(target: str, streams: dict[str, Any]) -> Verdict:
+    lanes = {lane["via"]: lane["max_streams_within_budget"] for lane in streams["lanes"]}
+    ours, relay = lanes.get("ws"), lanes.get("relay")
+    if ours is None or relay is None:
+        return Verdict(target, f"gateway {_fmt(ours, 0)}, bare relay {'not run' if relay is None else relay}", False)
+    share = f" ({ours / relay * 100:.0f} %)" if relay else ""
+    return Verdict(target, f"gateway {ours:,}, bare relay {relay:,}{share}", ours >= 0.9 * relay)
 
 
 def _table(results: dict[str, Any]) -> list[str]:
@@ -99,11 +163,76 @@ def _table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sqlite(results: dict[str, Any]) -> list[str]:
+    """The SQLite-store gateway's cells, which the Targets table judges beside the main ones."""
+    cells = results.get("sqlite_cells")
+    if cells is None:
+        return ["Not run."]
+    lines = [
+        "chatgate's four APIs again, on a second gateway with the SQLite store (a fresh database), "
+        "in the same run and over the same fake; *added TTFT* is against the direct upstream's cell above.",
+        "",
+        "| API | clients | answers/s | TTFT p50 | TTFT p99 | added TTFT p50 | gap p99 | server CPU s / 1k tokens "
+        "| peak RSS | other cores | errors |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for cell in sorted(cells, key=lambda c: (c["concurrency"], CHATGATE_TARGETS.index(c["target"]))):
+        ttft = f"{_fmt(cell['ttft_p50_ms'])} ms"
+        if cell.get("connect_p50_ms") is not None:
+            ttft += f" (+{_fmt(cell['connect_p50_ms'])} connect)"
+        lines.append(
+            f"| {API_LABELS[cell['target']]} | {cell['concurrency']} | {cell['answers_per_s']:,.0f} | {ttft} "
+            f"| {_fmt(cell['ttft_p99_ms'])} ms | {_fmt(added_ttft(results, cell), 3, ' ms')} "
+            f"| {_fmt(cell['gap_p99_ms'], 3)} ms | {_fmt(cell['server_cpu_s_per_1k_tokens'], 3)} "
+            f"| {cell['peak_rss_kib'] / 1024:,.0f} MiB | {cell['other_cores']:.2f} | {cell['errors']} |"
+        )
+    return lines if cells else [*lines, "", "No cell completed (see Failures)."]
+
+
+def _scaling(results: dict[str, Any]) -> list[str]:
+    """``--workers`` 1 and 2, each pinned to cores of its own: a figure, not a target."""
+    scaling = results.get("scaling")
+    if not scaling:
+        return ["Not run."]
+    runs = [run for run in scaling["runs"] if run["status"] == "ok"]
+    stores = sorted({run["store"].replace("sqlite", "SQLite") for run in runs})
+    lines = [
+        f"`chatgate serve --workers N` pinned with `taskset -c` to the first N of the machine's "
+        f"{scaling['cores']} cores, its fake upstream and the load processes to the others; `/chat` and "
+        f"`/ws` at {scaling['level']} clients, closed loop as above. Several workers cannot share the memory "
+        f"store, so every count ran on the {', '.join(stores) or '-'} store (a fresh database each). "
+        "A figure, not a target.",
+        "",
+        "| workers | gateway cores | fake + load cores | POST /chat answers/s | /ws answers/s |",
+        "|--:|---|---|--:|--:|",
+    ]
+    rates: dict[int, dict[str, float]] = {}
+    for run in scaling["runs"]:
+        if run["status"] != "ok":
+            lines.append(f"| {run['workers']} | {run['status']} | | | |")
+            continue
+        rates[run["workers"]] = {c["target"]: c["answers_per_s"] for c in run["cells"]}
+        shared = " (shared with the gateway)" if run["shared"] else ""
+        lines.append(f"| {run['workers']} | {run['gateway_cpus']} | {run['other_cpus']}{shared} "
+                     f"| {_fmt(rates[run['workers']].get('chat'), 0)} | {_fmt(rates[run['workers']].get('ws'), 0)} |")
+    one, two = rates.get(1, {}), rates.get(2, {})
+    ratios = ", ".join(f"{API_LABELS[key]} {_fmt(two[key] / one[key] if one.get(key) and key in two else None)}x"
+                       for key in ("chat", "ws"))
+    lines += ["", f"2 workers / 1 worker: {ratios}."]
+    if any(run["shared"] for run in runs):
+        lines.append(f"With {scaling['cores']} cores no core was left for the fake and the load beside a gateway "
+                     "that took all of them, so they shared its cores and the ratio shows little of what a "
+                     "second worker buys.")
+    return lines
+
+
 def _streams(results: dict[str, Any]) -> list[str]:
     streams = results.get("streams")
     if not streams or "lanes" not in streams:
         return ["Not run."]
     labels = {lane["via"]: lane["label"] for lane in streams["lanes"]}
+    floors = "".join(f" ({lane['label']} not before {lane['at_least']:,}, where the targets compare it with "
+                     "the bare relay)" for lane in streams["lanes"] if lane.get("at_least"))
     best = ", ".join(f"{lane['label']} **{lane['max_streams_within_budget']:,}**" for lane in streams["lanes"])
     lines = [
         f"Each stream is a new WebSocket asking for {streams['answer_s']:.0f} s of tokens at 20 tokens/s; "
@@ -112,7 +241,7 @@ def _streams(results: dict[str, Any]) -> list[str]:
         "until 0.5 s before the first stream's last token; *held window* gives those bounds in seconds "
         "after the first start. A count passes when the held p99 gap minus the nominal "
         f"{streams['nominal_gap_ms']:.0f} ms is ≤ {streams['budget_ms']:.0f} ms and ≥ 99 % of streams "
-        "complete. Each lane climbs until its first count over budget; the references (the direct "
+        f"complete. Each lane climbs until its first count over budget{floors}; the references (the direct "
         f"upstream and the bare relay) climb at least to {streams['goal_streams']:,} and one count more.",
         "",
         "The **bare relay** (`bench/bare_relay.py`) is not a gateway: raw asyncio protocols on uvloop that "
@@ -180,8 +309,8 @@ def _granian(results: dict[str, Any]) -> list[str]:
 #: The sections this report writes; any other section of RESULTS.md belongs to another
 #: benchmark script (redis_memory.py, cluster.py) and is kept as it is.
 OWN_SECTIONS = (
-    "## Targets", "## Answers", "## Idle WebSockets", "## Concurrent 20-tokens/s streams",
-    "## ASGI server", "## What was changed", "## Failures",
+    "## Targets", "## Answers", "## Answers with the SQLite store", "## Workers, pinned", "## Idle WebSockets",
+    "## Concurrent 20-tokens/s streams", "## ASGI server", "## What was changed", "## Failures",
 )
 
 
@@ -256,6 +385,14 @@ def markdown(results: dict[str, Any], chart_name: str, kept: list[str] | None = 
         *[f"- {t['label']}: {t['status']}" for t in results.get("targets", []) if t["status"] != "ok"],
         "",
         f"![answers/s and added TTFT]({chart_name})",
+        "",
+        "## Answers with the SQLite store",
+        "",
+        *_sqlite(results),
+        "",
+        "## Workers, pinned",
+        "",
+        *_scaling(results),
         "",
         "## Idle WebSockets",
         "",

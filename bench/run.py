@@ -1,13 +1,19 @@
 """chatgate benchmark: every target side by side in one run, on loopback.
 
     .venv/bin/python bench/run.py [--quick] [--duration S] [--litellm-venv PATH] [--store sqlite]
+                                  [--skip idle,streams,relay,granian,sqlite,scaling]
     ./bench/run.sh [same options]     # bootstraps .venv first
 
 Targets: the fake upstream directly (Ollama NDJSON), chatgate over ``POST /chat`` streaming,
-its native ``/ws`` (a new connection per answer) and ``/v1/chat/completions`` (SSE), and the
-LiteLLM proxy when bench/.litellm-venv (see install-litellm.sh) or --litellm-venv has it.
+its native ``/ws`` (a new connection per answer), ``/v1/chat/completions`` (SSE) and the
+Ollama-compatible ``/api/chat`` (NDJSON), and the LiteLLM proxy when bench/.litellm-venv (see
+install-litellm.sh) or --litellm-venv has it. Then, unless skipped: chatgate's four APIs again
+on a gateway with the SQLite store at 1 and 50 clients (``sqlite``), so both stores are judged
+from one run; granian against uvicorn (``granian``); 1 and 2 workers pinned with taskset to
+their own cores, the fake and the load on the others (``scaling``); idle WebSockets
+(``idle``) and the 20-tokens/s stream ramp (``streams``, with the bare relay: ``relay``).
 Writes bench/out/results.json and logs, then bench/RESULTS.md and bench/chart.png; with
---quick all of it goes to bench/out/quick/, so a quick check never replaces the record.
+--quick all of it goes to bench/out/quick/ (or --out), so a quick check never replaces the record.
 --profile TARGET:LEVEL attaches py-spy to the server during that cell; --gateway-env tries a
 setting (e.g. CHATGATE_RESUME_GRACE_S=0) on every gateway the run starts.
 """
@@ -53,7 +59,13 @@ from servers import (
 )
 
 BENCH = REPO / "bench"
-ALL_TARGETS = ("direct", "chat", "ws", "openai", "litellm")
+ALL_TARGETS = ("direct", "chat", "ws", "openai", "ollama", "litellm")
+#: The SQLite-store gateway's levels (its targets are chatgate's four APIs): enough to judge
+#: the added TTFT and the answers/s targets on that store too.
+SQLITE_LEVELS = (1, 50)
+#: The pinned scaling figure: these worker counts, /chat and /ws at this many clients.
+SCALING_WORKERS = (1, 2)
+SCALING_LEVEL = 50
 STREAM_COUNTS = (250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 4000, 5000, 6000)
 #: The extra-worker gateways and the bare relay start their ramps here; below it all hold.
 REFERENCE_FROM = 1000
@@ -73,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the gateway app with this ASGI server (chatgate serve uses uvicorn)")
     parser.add_argument("--levels", default="1,50,200", help="concurrency levels, comma separated")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="subset of " + ",".join(ALL_TARGETS))
-    parser.add_argument("--skip", default="", help="comma list of: idle, streams, relay, granian")
+    parser.add_argument("--skip", default="", help="comma list of: idle, streams, relay, granian, sqlite, scaling")
     parser.add_argument("--stream-workers", help="comma list of gateway worker counts for the stream ramp, "
                         "each its own lane (default 1,2; quick 1)")
     parser.add_argument("--idle-connections", type=int, help="idle WebSockets (default 5000, quick 1000)")
@@ -115,8 +127,8 @@ def git(*args: str) -> str:
 
 
 def probe(target: Target) -> str:
-    """One non-streamed request: a route that is not there yet is reported, not fatal."""
-    if target.protocol not in ("sse",):
+    """One request read to its end: a route that is not there yet is reported, not fatal."""
+    if target.protocol not in ("sse", "ollama"):
         return "ok"
     body = json.dumps({"model": target.model, "messages": [{"role": "user", "content": "hi"}]}).encode()
     try:
@@ -151,15 +163,23 @@ def attach_profilers(profilers: list[subprocess.Popen[bytes]], service: Service,
         profilers.extend(start_profilers(service, seconds, out, name, native))
 
 
-def build_targets(args: argparse.Namespace, fake: Service, gateway: Service, litellm: Service | None,
-                  litellm_status: str) -> list[Target]:
+def gateway_targets(gateway: Service, name: str = "chatgate") -> list[Target]:
+    """The gateway's four APIs as answers targets: /chat, /ws, /v1/chat/completions, /api/chat."""
     server = ProcessTree(gateway.pid)
     ws_url = gateway.url.replace("http://", "ws://") + "/ws"
+    return [
+        Target("chat", f"{name} POST /chat", "text", f"{gateway.url}/chat", server),
+        Target("ws", f"{name} /ws (new conn/answer)", "ws", ws_url, server),
+        Target("openai", f"{name} /v1/chat/completions", "sse", f"{gateway.url}/v1/chat/completions", server),
+        Target("ollama", f"{name} /api/chat", "ollama", f"{gateway.url}/api/chat", server),
+    ]
+
+
+def build_targets(args: argparse.Namespace, fake: Service, gateway: Service, litellm: Service | None,
+                  litellm_status: str) -> list[Target]:
     targets = [
         Target("direct", "direct (fake Ollama NDJSON)", "ollama", f"{fake.url}/api/chat", ProcessTree(fake.pid)),
-        Target("chat", "chatgate POST /chat", "text", f"{gateway.url}/chat", server),
-        Target("ws", "chatgate /ws (new conn/answer)", "ws", ws_url, server),
-        Target("openai", "chatgate /v1/chat/completions", "sse", f"{gateway.url}/v1/chat/completions", server),
+        *gateway_targets(gateway),
         Target("litellm", "LiteLLM /v1/chat/completions", "sse", "", None, "ollama_chat/fake-model", litellm_status),
     ]
     if litellm is not None:
@@ -173,41 +193,113 @@ def build_targets(args: argparse.Namespace, fake: Service, gateway: Service, lit
     return chosen
 
 
+def measure(args: argparse.Namespace, settings: Settings, target: Target, level: int, upstream: ProcessTree,
+            failures: list[str], profiled: Service | None = None, tag: str = "",
+            cpus: str | None = None) -> dict[str, Any] | None:
+    """One answers cell, run --repeat times; None when every attempt failed. --profile attaches
+    py-spy to ``profiled`` (the main run's server only, so no other cell overwrites its files);
+    ``cpus`` pins the load processes."""
+    profilers: list[subprocess.Popen[bytes]] = []
+    name = f"{target.key}-{level}"
+    hook = None
+    if args.profile == f"{target.key}:{level}" and profiled is not None:
+        seconds = settings.warmup_s + settings.duration_s
+        hook = functools.partial(attach_profilers, profilers, profiled, seconds, args.out, name, args.native_profile)
+    attempts = []
+    for _ in range(args.repeat):
+        try:
+            attempts.append(answers_cell(target, level, settings, upstream, hook, cpus))
+        except RuntimeError as exc:  # a load process that never reported
+            failures.append(f"{tag}{target.key} x{level}: {exc}")
+    for profiler in profilers:
+        profiler.wait(timeout=60)
+    if profilers:
+        (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
+    if not attempts:
+        return None
+    # Others share this machine: keep the attempt they disturbed least, show the rest.
+    cell = min(attempts, key=lambda c: c["other_cores"])
+    cell["attempts"] = [{k: a[k] for k in ATTEMPT_KEYS} for a in attempts]
+    print(f"  {tag}{target.key:>7} x{level:<4} {cell['answers_per_s']:8.1f} answers/s  ttft p50 "
+          f"{cell['ttft_p50_ms']} ms  errors {cell['errors']}", flush=True)
+    return cell
+
+
+def levels(args: argparse.Namespace) -> list[int]:
+    return [int(x) for x in args.levels.split(",")]
+
+
 def run_answers(args: argparse.Namespace, settings: Settings, fake: Service, gateway: Service,
                 litellm: Service | None, litellm_status: str, results: dict[str, Any]) -> None:
     targets = build_targets(args, fake, gateway, litellm, litellm_status)
     results["targets"] = [{"key": t.key, "label": t.label, "url": t.url, "status": t.status} for t in targets]
     upstream = ProcessTree(fake.pid)
-    for level in (int(x) for x in args.levels.split(",")):
+    for level in levels(args):
         for target in targets:
             if target.status != "ok":
                 continue
-            profilers: list[subprocess.Popen[bytes]] = []
-            name = f"{target.key}-{level}"
             service = litellm if target.key == "litellm" else gateway
-            hook = None
-            if args.profile == f"{target.key}:{level}" and service is not None:
-                seconds = settings.warmup_s + settings.duration_s
-                hook = functools.partial(attach_profilers, profilers, service, seconds, args.out, name,
-                                         args.native_profile)
-            attempts = []
-            for _ in range(args.repeat):
-                try:
-                    attempts.append(answers_cell(target, level, settings, upstream, hook))
-                except RuntimeError as exc:  # a load process that never reported
-                    results["failures"].append(f"{target.key} x{level}: {exc}")
-            for profiler in profilers:
-                profiler.wait(timeout=60)
-            if profilers:
-                (args.out / f"profile-{name}-top.txt").write_text(hotspots.summarise(args.out / f"profile-{name}.txt"))
-            if not attempts:
-                continue
-            # Others share this machine: keep the attempt they disturbed least, show the rest.
-            cell = min(attempts, key=lambda c: c["other_cores"])
-            cell["attempts"] = [{k: a[k] for k in ATTEMPT_KEYS} for a in attempts]
-            results["cells"].append(cell)
-            print(f"  {target.key:>7} x{level:<4} {cell['answers_per_s']:8.1f} answers/s  ttft p50 "
-                  f"{cell['ttft_p50_ms']} ms  errors {cell['errors']}", flush=True)
+            cell = measure(args, settings, target, level, upstream, results["failures"], service)
+            if cell is not None:
+                results["cells"].append(cell)
+
+
+def run_sqlite(args: argparse.Namespace, settings: Settings, fake: Service, services: list[Service],
+               results: dict[str, Any]) -> None:
+    """chatgate's four APIs again on a gateway with the SQLite store (a fresh database), at 1
+    and 50 clients, so RESULTS.md judges the targets on both stores from one run. --targets
+    and --levels narrow it as they narrow the main cells; its cells stay apart (sqlite_cells)."""
+    gateway = start_gateway(args.out / "logs", "chatgate-sqlite", fake.url, sqlite_url(args, "answers-sqlite"),
+                            args.workers, gateway_env(args), args.server)
+    services.append(gateway)
+    wanted = set(args.targets.split(","))
+    targets = [t for t in gateway_targets(gateway, "chatgate (SQLite)") if t.key in wanted and probe(t) == "ok"]
+    results["sqlite_cells"] = []
+    for level in (level for level in levels(args) if level in SQLITE_LEVELS):
+        for target in targets:
+            cell = measure(args, settings, target, level, ProcessTree(fake.pid), results["failures"], tag="sqlite ")
+            if cell is not None:
+                results["sqlite_cells"].append(cell)
+    gateway.stop()
+    services.remove(gateway)
+
+
+def cpu_list(cores: list[int]) -> str:
+    return ",".join(str(core) for core in cores)
+
+
+def run_scaling(args: argparse.Namespace, settings: Settings, services: list[Service],
+                results: dict[str, Any]) -> None:
+    """What a second worker buys when it has a core of its own: for each of SCALING_WORKERS,
+    a gateway pinned to the first N cores, its fake upstream and the load processes pinned to
+    the others (to all of them when none is left), /chat and /ws at SCALING_LEVEL clients.
+    Several workers cannot share the memory store, so every count gets the store they can
+    share (shared_store_url: a fresh SQLite database when the run asked for memory) and the
+    ratio compares like with like."""
+    cores = sorted(os.sched_getaffinity(0))
+    runs = []
+    for workers in SCALING_WORKERS:
+        if workers > len(cores):
+            runs.append({"workers": workers, "status": f"only {len(cores)} cores", "cells": []})
+            continue
+        rest = cores[workers:]
+        mine, theirs = cpu_list(cores[:workers]), cpu_list(rest) if rest else None
+        fake = start_fake(args.out / "logs", f"fake-llm-scaling-{workers}w", settings.tokens, cpus=theirs)
+        services.append(fake)
+        store = shared_store_url(args, f"scaling-{workers}w")
+        gateway = start_gateway(args.out / "logs", f"chatgate-scaling-{workers}w", fake.url, store, workers,
+                                gateway_env(args), args.server, mine)
+        services.append(gateway)
+        cells = [measure(args, settings, target, SCALING_LEVEL, ProcessTree(fake.pid), results["failures"],
+                         tag=f"{workers}w pinned ", cpus=theirs)
+                 for target in gateway_targets(gateway)[:2]]
+        runs.append({"workers": workers, "status": "ok", "store": store.split(":", 1)[0],
+                     "gateway_cpus": mine, "other_cpus": theirs or cpu_list(cores), "shared": not rest,
+                     "cells": [cell for cell in cells if cell is not None]})
+        for service in (gateway, fake):
+            service.stop()
+            services.remove(service)
+    results["scaling"] = {"cores": len(cores), "level": SCALING_LEVEL, "runs": runs}
 
 
 def compare_granian(args: argparse.Namespace, settings: Settings, fake: Service, services: list[Service],
@@ -220,13 +312,9 @@ def compare_granian(args: argparse.Namespace, settings: Settings, fake: Service,
     gateway = start_gateway(args.out / "logs", "chatgate-granian", fake.url, store_url(args), args.workers,
                             gateway_env(args), "granian")
     services.append(gateway)
-    server = ProcessTree(gateway.pid)
-    ws_url = gateway.url.replace("http://", "ws://") + "/ws"
-    targets = [Target("chat", "granian POST /chat", "text", f"{gateway.url}/chat", server),
-               Target("ws", "granian /ws (new conn/answer)", "ws", ws_url, server)]
     cells = []
     for level in (1, 50):
-        for target in targets:
+        for target in gateway_targets(gateway, "granian")[:2]:
             cell = answers_cell(target, level, settings, ProcessTree(fake.pid))
             cells.append(cell)
             print(f"  granian {target.key:>4} x{level:<4} {cell['answers_per_s']:8.1f} answers/s  ttft p50 "
@@ -277,7 +365,9 @@ def run_special(args: argparse.Namespace, settings: Settings, services: list[Ser
     counts = [int(x) for x in args.stream_counts.split(",")] if args.stream_counts else list(
         QUICK_STREAM_COUNTS if args.quick else STREAM_COUNTS)
     print(f"20 tokens/s streams, {answer_s:.0f} s each: {counts}", flush=True)
-    lanes = [Lane(Target("ws", "chatgate /ws, 1 worker", "ws", ws_url, ProcessTree(gateway.pid)))]
+    # The gateway runs the count where the report compares it with the bare relay, whatever came before.
+    lanes = [Lane(Target("ws", "chatgate /ws, 1 worker", "ws", ws_url, ProcessTree(gateway.pid)),
+                  at_least=report.STREAMS_COMPARED_AT)]
     for workers in (int(x) for x in args.stream_workers.split(",") if x and int(x) > 1):
         more = start_gateway(args.out / "logs", f"chatgate-streams-{workers}w", slow.url,
                              shared_store_url(args, f"streams-{workers}w"), workers, gateway_env(args), args.server)
@@ -314,24 +404,22 @@ def gateway_env(args: argparse.Namespace) -> dict[str, str]:
     return {name: value for name, _, value in pairs}
 
 
-def shared_store_url(args: argparse.Namespace, name: str) -> str:
-    """The store for a gateway of several workers, which cannot share the memory store: the
-    SQLite store (a database of its own) when the run asked for memory."""
-    if args.store != "memory":
-        return store_url(args)
+def sqlite_url(args: argparse.Namespace, name: str) -> str:
+    """A fresh SQLite database under the run's out directory (any previous one is removed)."""
     path = args.out / f"{name}.db"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     return f"sqlite:///{path}"
 
 
+def shared_store_url(args: argparse.Namespace, name: str) -> str:
+    """The store for a gateway of several workers, which cannot share the memory store: the
+    SQLite store (a database of its own) when the run asked for memory."""
+    return store_url(args) if args.store != "memory" else sqlite_url(args, name)
+
+
 def store_url(args: argparse.Namespace) -> str:
-    if args.store == "memory":
-        return "memory"
-    path = args.out / "bench.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    return f"sqlite:///{path}"
+    return "memory" if args.store == "memory" else sqlite_url(args, "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,11 +468,16 @@ def main(argv: list[str] | None = None) -> int:
                 litellm_status = f"failed to start: {str(exc).splitlines()[0]}"
         print(f"fake {fake.url}, chatgate {gateway.url} (pid {gateway.pid}), litellm: {litellm_status}", flush=True)
         run_answers(args, settings, fake, gateway, litellm, litellm_status, results)
-        if "granian" not in args.skip.split(",") and args.server == "uvicorn":
+        skip = set(args.skip.split(","))
+        if "granian" not in skip and args.server == "uvicorn":
             compare_granian(args, settings, fake, services, results)
+        if "sqlite" not in skip:
+            run_sqlite(args, settings, fake, services, results)
         for service in reversed(services):
             service.stop()
         services.clear()
+        if "scaling" not in skip:
+            run_scaling(args, settings, services, results)
         run_special(args, settings, services, results)
     finally:
         for service in reversed(services):

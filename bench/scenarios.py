@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from servers import ProcessTree, machine_busy_s, wait_for_quiet
+from servers import ProcessTree, machine_busy_s, pinned, wait_for_quiet
 from stats import Histogram, percentile
 
 LOAD_SCRIPT = Path(__file__).with_name("load.py")
@@ -23,7 +23,7 @@ GO_DELAY_S = 0.3
 NOMINAL_GAP_MS = 50.0  # 20 tokens/s
 GAP_BUDGET_MS = 50.0
 TOKENS_PER_S = 20
-#: The issue's goal for concurrent streams.
+#: The reference lanes climb at least this far, whatever the gateway reached.
 GOAL_STREAMS = 2000
 MIN_COMPLETED = 0.99
 STEADY_SETTLE_S = 1.0
@@ -53,14 +53,16 @@ class Settings:
 
 
 class LoadGroup:
-    """load.py processes sharing one job; a thread per process turns stdout into a queue."""
+    """load.py processes sharing one job; a thread per process turns stdout into a queue.
+    ``cpus`` pins them to those cores (see servers.pinned)."""
 
-    def __init__(self, jobs: list[dict[str, Any]]) -> None:
+    def __init__(self, jobs: list[dict[str, Any]], cpus: str | None = None) -> None:
         self.processes: list[subprocess.Popen[str]] = []
         self.lines: list[queue.Queue[dict[str, Any]]] = []
         for job in jobs:
             process = subprocess.Popen(
-                [sys.executable, str(LOAD_SCRIPT)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                pinned([sys.executable, str(LOAD_SCRIPT)], cpus), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True,
             )
             assert process.stdin is not None and process.stdout is not None
             process.stdin.write(json.dumps(job) + "\n")
@@ -152,15 +154,16 @@ def _merged(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def answers_cell(target: Target, concurrency: int, settings: Settings, upstream: ProcessTree,
-                 on_go: Callable[[], object] | None = None) -> dict[str, Any]:
+                 on_go: Callable[[], object] | None = None, cpus: str | None = None) -> dict[str, Any]:
     """Closed loop: ``concurrency`` clients, each asking again as soon as an answer ends.
-    ``on_go`` runs just before the load starts (run.py attaches py-spy there)."""
+    ``on_go`` runs just before the load starts (run.py attaches py-spy there); ``cpus`` pins
+    the load processes to those cores."""
     base = {"mode": "answers", "protocol": target.protocol, "url": target.url, "model": target.model,
             "tokens": settings.tokens, "warmup_s": settings.warmup_s, "duration_s": settings.duration_s,
             "answer_timeout_s": settings.answer_timeout_s}
     shares = split(concurrency, 1 if concurrency == 1 else settings.load_processes)
     background = wait_for_quiet(settings.quiet_wait_s, settings.quiet_below_cores)
-    group = LoadGroup([{**base, "concurrency": share} for share in shares])
+    group = LoadGroup([{**base, "concurrency": share} for share in shares], cpus)
     server = target.server
     try:
         if on_go is not None:
@@ -385,20 +388,23 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
 @dataclass
 class Lane:
     """One server under the stream ramp. A gateway lane climbs until its first count over
-    budget; a reference lane (the direct upstream, the bare relay) also climbs past that,
-    up to ``GOAL_STREAMS`` and one count more, so the report can say what this machine
-    allows at the goal whatever the gateway reached."""
+    budget, but not before ``at_least`` (so it can be compared with the bare relay there);
+    a reference lane (the direct upstream, the bare relay) also climbs past that, up to
+    ``GOAL_STREAMS`` and one count more, so the report can say what this machine allows
+    whatever the gateway reached. ``best`` is the largest count within budget."""
 
     target: Target
     reference: bool = False
     from_count: int = 0
+    at_least: int = 0
     best: int = 0
     stopped: bool = False
 
 
 def stream_ramp(lanes: list[Lane], counts: list[int], settings: Settings, answer_s: float,
                 attempts: int = 1, hook: Callable[[str, int, float], None] | None = None) -> dict[str, Any]:
-    """Raise the number of concurrent streams lane by lane until each is over budget.
+    """Raise the number of concurrent streams lane by lane until each is over budget (and
+    past its ``at_least``).
     Gaps count while every stream is held: from 1 s after the last one started until the first
     one is due to end (the whole run's p99, connection storm included, is kept beside it).
     A gateway step over budget is tried up to ``attempts`` times and keeps its best try.
@@ -424,14 +430,14 @@ def stream_ramp(lanes: list[Lane], counts: list[int], settings: Settings, answer
                   f"({step.held_server_us_per_token} us/token), machine {step.held_machine_busy_cores}", flush=True)
             if step.passed:
                 lane.best = count
-            else:
+            elif count >= lane.at_least:
                 lane.stopped = True
         if all(lane.stopped for lane in lanes):
             break
     return {"goal_streams": GOAL_STREAMS, "budget_ms": GAP_BUDGET_MS, "nominal_gap_ms": NOMINAL_GAP_MS,
             "answer_s": answer_s, "failures": failures,
             "lanes": [{"via": lane.target.key, "label": lane.target.label, "reference": lane.reference,
-                       "max_streams_within_budget": lane.best} for lane in lanes],
+                       "at_least": lane.at_least, "max_streams_within_budget": lane.best} for lane in lanes],
             "steps": [asdict(s) | {"passed": s.passed} for s in steps]}
 
 

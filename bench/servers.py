@@ -24,6 +24,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POLL_S = 0.1
 STOP_S = 5.0
 MAX_TREE = 256
+TASKSET = "/usr/bin/taskset"
 
 
 class StartError(RuntimeError):
@@ -84,6 +85,12 @@ def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> tup
     return process, log_path
 
 
+def pinned(argv: list[str], cpus: str | None) -> list[str]:
+    """``argv`` confined to the cores ``cpus`` (a taskset list, e.g. "0" or "1,2"), or as it
+    is when None. taskset execs the program, so the pid stays the program's."""
+    return [TASKSET, "-c", cpus, *argv] if cpus else argv
+
+
 def _check_alive(name: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
     if process.poll() is not None:
         tail = log_path.read_text(errors="replace")[-800:]
@@ -128,9 +135,9 @@ def _base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
-def start_fake(log_dir: Path, name: str, tokens: int, tps: float = 0.0) -> Service:
+def start_fake(log_dir: Path, name: str, tokens: int, tps: float = 0.0, cpus: str | None = None) -> Service:
     argv = [str(CHATGATE), "fake-llm", "--host", HOST, "--port", "0", "--tokens", str(tokens), "--tps", str(tps)]
-    process, log_path = spawn(name, argv, _base_env(), log_dir)
+    process, log_path = spawn(name, pinned(argv, cpus), _base_env(), log_dir)
     try:
         match = wait_for_log(name, process, log_path, r"fake-llm listening on (http://\S+)", 20)
     except BaseException:
@@ -152,9 +159,10 @@ def start_bare_relay(log_dir: Path, upstream: str) -> Service:
 
 
 def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: int = 1,
-                  extra_env: dict[str, str] | None = None, server: str = "uvicorn") -> Service:
+                  extra_env: dict[str, str] | None = None, server: str = "uvicorn",
+                  cpus: str | None = None) -> Service:
     """``chatgate serve`` (uvicorn); ``server="granian"`` runs the same app under granian
-    instead, for the comparison in RESULTS.md."""
+    instead, for the comparison in RESULTS.md. ``cpus`` pins it (and its workers) to those cores."""
     port = free_port()
     env = {
         **_base_env(),
@@ -170,7 +178,7 @@ def start_gateway(log_dir: Path, name: str, upstream: str, store: str, workers: 
         argv = [str(CHATGATE.with_name("granian")), "--interface", "asgi", "--factory", "--loop", "uvloop",
                 "--host", HOST, "--port", str(port), "--workers", str(workers), "--log-level", "warning",
                 "--backlog", "4096", "chatgate.app:app_from_environment"]
-    process, log_path = spawn(name, argv, env, log_dir)
+    process, log_path = spawn(name, pinned(argv, cpus), env, log_dir)
     service = Service(name, process, f"http://{HOST}:{port}", log_path)
     try:
         wait_for_http(name, process, log_path, f"{service.url}/health/live", 60)
