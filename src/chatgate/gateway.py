@@ -29,6 +29,7 @@ from chatgate.cluster.instances import Instance
 from chatgate.cluster.limits import RedisLimits
 from chatgate.config import Settings
 from chatgate.providers import build_provider
+from chatgate.providers._http import close_session
 from chatgate.providers.base import Provider
 from chatgate.store import ConversationStore, StoreLimits, open_store
 from chatgate.telemetry.datadog import LLMObsObserver, start_datadog, stop_datadog
@@ -167,7 +168,7 @@ async def close_gateway(gateway: Gateway) -> None:
     if gateway.shared is not None:
         await gateway.shared.close()
     await gateway.provider.aclose()
-    await gateway.session.close()
+    await close_session(gateway.session)
     await gateway.store.close()
     await gateway.metrics.aclose()
     if gateway.shared_limits is not None:

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from chatgate.config import ConfigError, Settings, config_error, load_upstreams_with, variable_for
 from chatgate.providers import gemini, local, ollama, openai  # noqa: F401  (they register themselves)
-from chatgate.providers._http import new_session
+from chatgate.providers._http import close_session, new_session
 from chatgate.providers.base import (
     AUTO,
     Provider,
@@ -128,7 +128,7 @@ async def build_provider(settings: Settings) -> tuple[Provider, aiohttp.ClientSe
         log.info("provider chosen", extra={"provider": name, "reason": reason})
         provider = build_named_provider(name, settings, session)
     except BaseException:
-        await session.close()
+        await close_session(session)
         raise
     return provider, session
 

@@ -1,9 +1,10 @@
-"""What the HTTP adapters share: the pooled session, one streamed POST with its read-gap
-watch, and the aiohttp-to-ProviderError edge."""
+"""What the HTTP adapters share: the pooled session, one streamed POST (on connections of
+its own, :mod:`chatgate.providers._upstream`), and the edge where transport failures
+become provider errors."""
 
 from __future__ import annotations
 
-import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,12 @@ from typing import Any
 import aiohttp
 import orjson
 
+from chatgate.providers._upstream import (
+    StreamingConnections,
+    UpstreamClosed,
+    UpstreamResponse,
+    UpstreamUnreachable,
+)
 from chatgate.providers.base import (
     ProviderError,
     ProviderStreamError,
@@ -36,9 +43,9 @@ def _outgoing(headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
 
 
 def new_session(*, connect_timeout_s: float, read_timeout_s: float) -> aiohttp.ClientSession:
-    """One pooled session per upstream. ``read_timeout_s`` bounds the gap between two
-    reads, not the whole answer, so a long generation is never cut off while it streams:
-    aiohttp enforces it until the response headers arrive, :class:`ReadGapWatch` after."""
+    """One pooled session per upstream, for its calls that do not stream; streamed answers
+    take the connections :func:`streaming_connections` keeps beside it, with its timeouts.
+    ``read_timeout_s`` bounds the gap between two reads, not the whole answer."""
     timeout = aiohttp.ClientTimeout(
         total=None, connect=connect_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
     )
@@ -52,66 +59,24 @@ def new_session(*, connect_timeout_s: float, read_timeout_s: float) -> aiohttp.C
     )
 
 
-class ReadGapWatch:
-    """Fails a streamed body that has received nothing for ``gap_s``.
-
-    aiohttp's own read timeout re-arms a timer on every chunk received, which for thousands
-    of token streams was a top cost of the gateway (bench/RESULTS.md). This looks at the
-    body's byte count four times per period instead: a stalled upstream fails between
-    ``gap_s`` and 1.25 times ``gap_s`` after its last byte, and a flowing one costs nothing per read.
-    """
-
-    CHECKS_PER_PERIOD = 4
-
-    def __init__(self, response: aiohttp.ClientResponse, gap_s: float) -> None:
-        self._content = response.content
-        self._gap_s = gap_s
-        self._seen = self._content.total_bytes
-        self._quiet_checks = 0
-        self._loop = asyncio.get_running_loop()
-        if response.connection is not None:
-            response.connection.protocol.read_timeout = None  # type: ignore[union-attr]
-        self._handle = self._loop.call_later(gap_s / self.CHECKS_PER_PERIOD, self._check)
-
-    def _check(self) -> None:
-        total = self._content.total_bytes
-        if total != self._seen:
-            self._seen, self._quiet_checks = total, 0
-        else:
-            self._quiet_checks += 1
-            if self._quiet_checks >= self.CHECKS_PER_PERIOD:
-                self._content.set_exception(
-                    aiohttp.ServerTimeoutError(f"no data from the upstream for {self._gap_s:g} s")
-                )
-                return
-        self._handle = self._loop.call_later(self._gap_s / self.CHECKS_PER_PERIOD, self._check)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-
-
 class StreamedBody:
     """A streamed answer's body: iterate :meth:`lines`; call :meth:`complete` once the final
     message is read, so the connection goes back to the pool instead of being closed."""
 
-    def __init__(self, response: aiohttp.ClientResponse, provider: str, model: str) -> None:
+    def __init__(self, response: UpstreamResponse, provider: str, model: str) -> None:
         self.response = response
         self._provider = provider
         self._model = model
-        self._complete = False
-        self._watch: ReadGapWatch | None = None
 
     async def lines(self) -> AsyncIterator[bytes]:
         """The body's lines without their line breaks; a last line without one counts.
 
-        One read takes whatever has arrived and splits it here, where aiohttp's ``readline``
-        would search, iterate and wait once per line: a burst of lines from a fast upstream
-        costs a third as much. A line longer than :data:`MAX_LINE_BYTES` fails the
+        One read takes whatever has arrived and splits it here: a burst of lines from a
+        fast upstream costs one wait. A line longer than :data:`MAX_LINE_BYTES` fails the
         stream instead of growing without bound."""
-        content = self.response.content
         parts: list[bytes] = []
         held = 0
-        while data := await content.readany():
+        async for data in self.response.chunks():
             if b"\n" not in data:
                 parts.append(data)
                 held += len(data)
@@ -133,19 +98,31 @@ class StreamedBody:
             yield b"".join(parts)
 
     def complete(self) -> None:
-        self._complete = True
+        self.response.complete()
 
-    def watch(self, gap_s: float | None) -> None:
-        if gap_s:
-            self._watch = ReadGapWatch(self.response, gap_s)
 
-    def close(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-        if self._complete:
-            self.response.release()
-        else:
-            self.response.close()  # a cancelled or broken answer: the upstream stops generating
+_STREAMING: weakref.WeakKeyDictionary[aiohttp.ClientSession, StreamingConnections] = weakref.WeakKeyDictionary()
+
+
+def streaming_connections(session: aiohttp.ClientSession) -> StreamingConnections:
+    """The connections streamed answers take, beside ``session`` and with its timeouts:
+    ``sock_connect`` to connect, ``sock_read`` for the answer's headers and then as the
+    longest gap between two reads of its body (never the whole answer, so a long
+    generation is not cut off while it streams)."""
+    connections = _STREAMING.get(session)
+    if connections is None:
+        connections = _STREAMING[session] = StreamingConnections(
+            connect_timeout_s=session.timeout.sock_connect, read_timeout_s=session.timeout.sock_read
+        )
+    return connections
+
+
+async def close_session(session: aiohttp.ClientSession) -> None:
+    """Close ``session`` and the streaming connections kept beside it."""
+    connections = _STREAMING.pop(session, None)
+    if connections is not None:
+        connections.close()
+    await session.close()
 
 
 @asynccontextmanager
@@ -157,23 +134,22 @@ async def streamed_post(
     model: str,
     base_url: str,
     status_error: Callable[[int, bytes, str], ProviderError],
-    **request: Any,
+    data: bytes,
+    headers: Mapping[str, str] | None = None,
+    params: Mapping[str, str] | None = None,
 ) -> AsyncIterator[StreamedBody]:
-    """POST ``url`` (``request`` as for aiohttp) and hand over the streamed body. An HTTP
-    error status raises ``status_error(status, body, model)``; aiohttp's failures raise
-    provider errors; leaving early closes the upstream connection."""
-    if OUTGOING_HEADERS:
-        request["headers"] = _outgoing(request.get("headers"))
+    """POST ``data`` to ``url`` on the streaming connections of ``session``
+    (:mod:`chatgate.providers._upstream`) and hand over the streamed body. An HTTP error
+    status raises ``status_error(status, body, model)``; failures raise provider errors;
+    leaving early closes the upstream connection."""
     async with upstream_errors(provider, model, base_url):
-        response = await session.post(url, **request)
-        body = StreamedBody(response, provider, model)
+        response = await streaming_connections(session).post(url, data, _outgoing(headers) or {}, params)
         try:
             if response.status >= 400:
                 raise status_error(response.status, await response.read(), model)
-            body.watch(session.timeout.sock_read)
-            yield body
+            yield StreamedBody(response, provider, model)
         finally:
-            body.close()
+            response.close()
 
 
 async def post_json(
@@ -209,6 +185,14 @@ async def upstream_errors(provider: str, model: str, url: str) -> AsyncIterator[
         yield
     except ProviderError:
         raise
+    except UpstreamUnreachable as exc:
+        raise ProviderUnavailable(
+            f"{provider} is not reachable at {url}: {exc}", provider=provider, model=model
+        ) from exc
+    except UpstreamClosed as exc:
+        raise ProviderStreamError(
+            f"{provider} closed the connection mid-answer: {exc}", provider=provider, model=model
+        ) from exc
     except aiohttp.ClientConnectorError as exc:
         reason = exc.os_error.strerror or str(exc)
         raise ProviderUnavailable(
