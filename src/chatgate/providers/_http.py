@@ -76,7 +76,8 @@ class StreamedBody:
         stream instead of growing without bound."""
         parts: list[bytes] = []
         held = 0
-        async for data in self.response.chunks():
+        read = self.response.read_some
+        while data := await read():
             if b"\n" not in data:
                 parts.append(data)
                 held += len(data)

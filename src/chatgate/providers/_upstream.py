@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -165,11 +165,13 @@ class _Connection(asyncio.Protocol):
 
 
 class UpstreamResponse:
-    """A streamed answer: its status, then its body with :meth:`chunks`."""
+    """A streamed answer: its status, then its body, read with :attr:`read_some`."""
 
     def __init__(self, connection: _Connection, read_gap_s: float | None) -> None:
         self._connection = connection
         self.status = connection.status
+        #: What has arrived of the body since the last call; ``b""`` at its end.
+        self.read_some = connection.read
         self._complete = False
         self._watch: asyncio.TimerHandle | None = None
         self._gap_s = read_gap_s
@@ -191,13 +193,12 @@ class UpstreamResponse:
                 return
         self._watch = asyncio.get_running_loop().call_later(self._gap_s / 4, self._check)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        while data := await self._connection.read():
-            yield data
-
     async def read(self) -> bytes:
         """The whole body (an error's)."""
-        return b"".join([data async for data in self.chunks()])
+        parts = []
+        while data := await self.read_some():
+            parts.append(data)
+        return b"".join(parts)
 
     def complete(self) -> None:
         """The answer's last message is read: the connection may serve another request."""
