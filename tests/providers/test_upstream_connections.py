@@ -188,3 +188,14 @@ def test_the_request_head_names_the_host_and_refuses_line_breaks() -> None:
     assert b"Host: [::1]:8080\r\n" in _request_head(_Origin("http", "::1", 8080), "/", {}, 0)
     with pytest.raises(ValueError, match="line break"):
         _request_head(_Origin("http", "h", 80), "/", {"X-A": "1\r\nX-B: 2"}, 0)
+
+
+async def test_an_answer_with_endless_headers_is_refused(session: aiohttp.ClientSession) -> None:
+    def endless(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"x" * 70_000 + b"\r\n")
+
+    upstream = Upstream(endless)
+    async with await upstream.start():
+        with pytest.raises(ProviderStreamError, match="bytes of headers"):
+            await ask(session, upstream.url)
+

@@ -34,6 +34,8 @@ from chatgate import __version__
 KEEPALIVE_S = 30.0
 #: Reading stops while this much of an answer waits for its reader.
 MAX_BUFFERED_BYTES = 1 << 20
+#: An answer's status line and headers, at most (aiohttp's limit is 8 KiB a line).
+MAX_HEAD_BYTES = 64 * 1024
 _USER_AGENT = f"chatgate/{__version__}"
 
 
@@ -73,6 +75,7 @@ class _Connection(asyncio.Protocol):
         self.answered = False  # some byte of this answer came back
         self.ended = False  # the whole answer came back
         self.release_at_end = False
+        self._head_bytes = 0
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -86,6 +89,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         self.answered = True
+        if not self.headers_done.done():
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.fail(UpstreamClosed(f"the upstream's answer has over {MAX_HEAD_BYTES} bytes of headers"))
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
