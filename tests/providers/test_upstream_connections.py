@@ -5,8 +5,11 @@ keep-alive, a kept connection the upstream closed, silence, a cancelled answer."
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -42,7 +45,7 @@ class Upstream:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     url: str = ""
 
-    async def start(self) -> asyncio.Server:
+    async def start(self, tls: ssl.SSLContext | None = None) -> asyncio.Server:
         upstream = self
 
         class Protocol(asyncio.Protocol):
@@ -67,7 +70,7 @@ class Upstream:
             def connection_lost(self, exc: Exception | None) -> None:
                 upstream.closed.set()
 
-        server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Protocol, "127.0.0.1", 0, ssl=tls)
         self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/api/chat"
         return server
 
@@ -198,4 +201,36 @@ async def test_an_answer_with_endless_headers_is_refused(session: aiohttp.Client
     async with await upstream.start():
         with pytest.raises(ProviderStreamError, match="bytes of headers"):
             await ask(session, upstream.url)
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_upstreams_are_verified(
+    session: aiohttp.ClientSession, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    upstream = Upstream(answer_whole)
+    async with await upstream.start(tls):
+        url = upstream.url.replace("http://127.0.0.1", "https://localhost")
+        with pytest.raises(ProviderUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await ask(session, url)  # not signed by anything this machine trusts
+        trusting = new_session(connect_timeout_s=2, read_timeout_s=2)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # read when the context is made
+        try:
+            assert await ask(trusting, url) == [b'{"t":"a"}', b'{"t":"b","done":true}']
+            assert b"\r\nHost: localhost:" in upstream.requests[-1]
+        finally:
+            await close_session(trusting)
 

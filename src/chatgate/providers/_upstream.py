@@ -312,6 +312,8 @@ class StreamingConnections:
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self, origin), origin.host, origin.port, **tls
                 )
+        except ssl.SSLError as exc:  # a certificate that does not verify, say
+            raise UpstreamUnreachable(str(exc)) from exc
         except OSError as exc:
             raise UpstreamUnreachable(os.strerror(exc.errno) if exc.errno else str(exc)) from exc
         return connection
