@@ -159,6 +159,25 @@ async def test_an_upstream_that_goes_away_mid_answer_is_a_stream_error(session: 
             await ask(session, upstream.url)
 
 
+async def test_a_body_that_ends_with_the_connection_is_whole(session: aiohttp.ClientSession) -> None:
+    """An HTTP/1.0-style answer: no length, no chunks, the close ends it; a close before
+    such an answer's headers is still a failure."""
+    def close_delimited(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
+        transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/x-ndjson\r\n\r\n"
+                        b'{"t":"a"}\n{"t":"b","done":true}\n')
+        transport.close()
+
+    upstream = Upstream(close_delimited)
+    async with await upstream.start():
+        assert await ask(session, upstream.url) == [b'{"t":"a"}', b'{"t":"b","done":true}']
+        assert await ask(session, upstream.url) == [b'{"t":"a"}', b'{"t":"b","done":true}']
+        assert upstream.connections == 2  # not kept: the upstream closed it
+    hangs_up = Upstream(lambda u, t, h: t.close())
+    async with await hangs_up.start():
+        with pytest.raises(ProviderStreamError, match="closed the connection"):
+            await ask(session, hangs_up.url)
+
+
 async def test_an_error_status_carries_its_body(session: aiohttp.ClientSession) -> None:
     upstream = Upstream(lambda u, t, h: t.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno model!"))
     async with await upstream.start():

@@ -75,6 +75,8 @@ class _Connection(asyncio.Protocol):
         self.answered = False  # some byte of this answer came back
         self.ended = False  # the whole answer came back
         self.release_at_end = False
+        #: Neither Content-Length nor Transfer-Encoding: the body ends when the connection does.
+        self.ends_at_close = True
         self._head_bytes = 0
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -102,10 +104,17 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.pool.forget(self)
+        if exc is None and self.ends_at_close and self.headers_done.done() and not self.ended:
+            self.ended = True  # a body delimited by the close (HTTP/1.0 style) is whole
+            self._wake()
         if not self.ended:
             self.fail(UpstreamClosed("the upstream closed the connection" + (f": {exc}" if exc else "")))
 
     # httptools callbacks ---------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in (b"content-length", b"transfer-encoding"):
+            self.ends_at_close = False
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()
