@@ -114,6 +114,31 @@ async def test_answers_read_to_the_end_reuse_one_connection(session: aiohttp.Cli
         assert b"\r\nAccept-Encoding: identity\r\n" in request
 
 
+async def test_a_connection_is_kept_once_the_end_read_after_the_last_message_comes(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The adapters stop at the answer's last message; the end of the body (a chunked
+    body's last, empty chunk) may come a moment later: the connection is kept then."""
+    def end_later(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
+        transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + ANSWER[:-5])
+        asyncio.get_running_loop().call_later(0.05, transport.write, b"0\r\n\r\n")
+
+    upstream = Upstream(end_later)
+    connections = streaming_connections(session)
+    async with await upstream.start():
+        for _ in range(2):
+            async with streamed_post(session, upstream.url, provider="test", model="m", base_url=upstream.url,
+                                     status_error=status_error, data=b"{}") as body:
+                async for line in body.lines():
+                    if b'"done":true' in line:
+                        body.complete()
+                        break
+            async with asyncio.timeout(BOUND_S):  # bounded wait for the end to come
+                while not any(connections._idle.values()):
+                    await asyncio.sleep(0.005)
+        assert upstream.connections == 1
+
+
 async def test_an_answer_not_read_to_the_end_closes_its_connection(session: aiohttp.ClientSession) -> None:
     """A cancelled answer: the upstream sees its connection close and stops generating."""
     upstream = Upstream(lambda u, t, h: t.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))

@@ -228,8 +228,8 @@ class UpstreamResponse:
         if self._complete and connection.keep_alive and not connection.lost:
             if connection.ended:
                 connection.pool.release(connection)
-            else:  # the end of the body is on its way: kept once it has come
-                connection.release_at_end = True
+            else:
+                connection.pool.keep_when_ended(connection)
         else:
             connection.close()  # a cancelled or broken answer: the upstream stops generating
 
@@ -274,9 +274,18 @@ class StreamingConnections:
             return UpstreamResponse(connection, self._read_timeout_s)
         raise UpstreamClosed("the upstream closed two connections before answering")
 
+    def keep_when_ended(self, connection: _Connection) -> None:
+        """The end of ``connection``'s answer is on its way: keep the connection once it has
+        come, or close it if that takes ``KEEPALIVE_S``."""
+        connection.release_at_end = True
+        self._timers[connection] = asyncio.get_running_loop().call_later(KEEPALIVE_S, connection.close)
+
     def release(self, connection: _Connection) -> None:
         """Keep ``connection`` for the next request to its origin."""
         connection.release_at_end = False
+        waiting = self._timers.pop(connection, None)
+        if waiting is not None:
+            waiting.cancel()
         if connection.lost:
             return
         self._idle.setdefault(connection.origin, []).append(connection)
@@ -292,10 +301,9 @@ class StreamingConnections:
             timer.cancel()
 
     def close(self) -> None:
-        """Close every kept connection."""
-        for idle in list(self._idle.values()):
-            for connection in list(idle):
-                connection.close()
+        """Close every kept connection, and those waiting for their answer's end."""
+        for connection in list(self._timers):
+            connection.close()
         self._idle.clear()
 
     def _take(self, origin: _Origin) -> _Connection | None:
