@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from deploy_helpers import nginx_binary
 
 from chatgate.testing.servers import free_port
 
@@ -95,15 +96,6 @@ def test_compose_mounts_the_deploy_nginx_config_as_its_template(compose: dict[st
     assert template_variables <= set(env), f"compose leaves {template_variables - set(env)} unrendered"
     assert set(re.split(r"\|", env["NGINX_ENVSUBST_FILTER"])) == template_variables
     assert nginx["command"][:3] == ["nginx", "-p", "/var/cache/nginx"], "pid, logs and temp files under a prefix"
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
-    )
-    if found is None:
-        pytest.fail("nginx is not installed: ./test.sh installs it (Debian: apt-get install nginx)")
-    return found
 
 
 def nginx_test(conf: str, prefix: Path) -> subprocess.CompletedProcess[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -22,6 +21,7 @@ import httpx
 import orjson
 import pytest
 import uvicorn
+from deploy_helpers import nginx_binary
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.typing import Origin
@@ -44,15 +44,6 @@ TEMPLATE = REPO / "deploy" / "nginx.conf"
 INSTANCES_TEMPLATE = REPO / "deploy" / "nginx-instances.conf"
 TOKENS = 30
 TPS = 20  # a 1.5 s answer
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
-    )
-    if found is None:
-        pytest.fail("nginx is not installed: ./test.sh installs it (Debian: apt-get install nginx)")
-    return found
 
 
 def render(listen: str, upstream: str) -> str:
