@@ -326,9 +326,14 @@ def test_the_same_measurements_go_out_over_otlp(
         prometheus = scrape(gw.url)
 
         def exported() -> Any:
+            # The failed turn's generation is counted before its HTTP response ends, and
+            # an export may fall between the two: wait for both.
             points = receiver.points()
-            point = points.get(("chatgate.generations", frozenset({("provider", "ollama"), ("outcome", "error")})))
-            return points if point is not None and point[0].as_int == 1 else None
+            failed = points.get(("chatgate.generations", frozenset({("provider", "ollama"), ("outcome", "error")})))
+            refused = points.get(
+                ("chatgate.http.requests", frozenset({("route", "/chat"), ("method", "POST"), ("status", "502")}))
+            )
+            return points if failed is not None and failed[0].as_int == 1 and refused is not None else None
 
         points = wait_until(exported, timeout=BOUND_S, what="metrics exported")
 
