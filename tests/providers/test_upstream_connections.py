@@ -7,17 +7,18 @@ from __future__ import annotations
 import asyncio
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
+from upstream import RawLines, read_all
 
 from chatgate.providers._http import (
+    LineStream,
     close_session,
     new_session,
-    streamed_post,
     streaming_connections,
 )
 from chatgate.providers._upstream import _Origin, _request_head
@@ -91,18 +92,31 @@ def status_error(status: int, body: bytes, model: str) -> ProviderHTTPError:
     return ProviderHTTPError(f"status {status}: {body.decode()}", status=status, provider="test", model=model)
 
 
-async def ask(session: aiohttp.ClientSession, url: str, *, complete: bool = True) -> list[bytes]:
-    async with streamed_post(
-        session, url, provider="test", model="m", base_url=url, status_error=status_error, data=b'{"x":1}',
-        headers={"Content-Type": "application/json"},
-    ) as body:
-        lines = [line async for line in body.lines()]
-        if complete:
-            body.complete()
-        return lines
+@pytest.fixture(params=[False, True], ids=["iterated", "pumped"])
+def pumped(request: pytest.FixtureRequest) -> bool:
+    """Each test reads its answers both ways: iterated, and pumped from the callback."""
+    return bool(request.param)
 
 
-async def test_answers_read_to_the_end_reuse_one_connection(session: aiohttp.ClientSession) -> None:
+def answer_stream(session: aiohttp.ClientSession, url: str) -> LineStream:
+    return LineStream(session, url, RawLines(), provider="test", model="m", base_url=url,
+                      status_error=status_error, data=b'{"x":1}', headers={"Content-Type": "application/json"})
+
+
+Ask = Callable[[aiohttp.ClientSession, str], Awaitable[list[bytes]]]
+
+
+@pytest.fixture
+def ask(pumped: bool) -> Ask:
+    """Send the request, return the answer's lines (read to the last)."""
+    async def asking(session: aiohttp.ClientSession, url: str) -> list[bytes]:
+        chunks = await read_all(answer_stream(session, url), pumped=pumped)
+        return [c.text.encode() for c in chunks if c.text]
+
+    return asking
+
+
+async def test_answers_read_to_the_end_reuse_one_connection(session: aiohttp.ClientSession, ask: Ask) -> None:
     upstream = Upstream(answer_whole)
     async with await upstream.start():
         for _ in range(3):
@@ -115,7 +129,7 @@ async def test_answers_read_to_the_end_reuse_one_connection(session: aiohttp.Cli
 
 
 async def test_a_connection_is_kept_once_the_end_read_after_the_last_message_comes(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession, pumped: bool,
 ) -> None:
     """The adapters stop at the answer's last message; the end of the body (a chunked
     body's last, empty chunk) may come a moment later: the connection is kept then."""
@@ -127,19 +141,15 @@ async def test_a_connection_is_kept_once_the_end_read_after_the_last_message_com
     connections = streaming_connections(session)
     async with await upstream.start():
         for _ in range(2):
-            async with streamed_post(session, upstream.url, provider="test", model="m", base_url=upstream.url,
-                                     status_error=status_error, data=b"{}") as body:
-                async for line in body.lines():
-                    if b'"done":true' in line:
-                        body.complete()
-                        break
+            chunks = await read_all(answer_stream(session, upstream.url), pumped=pumped)
+            assert chunks[-1].finish_reason == "stop"  # at the last message, before the body's end
             async with asyncio.timeout(BOUND_S):  # bounded wait for the end to come
                 while not any(connections._idle.values()):
                     await asyncio.sleep(0.005)
         assert upstream.connections == 1
 
 
-async def test_an_answer_not_read_to_the_end_closes_its_connection(session: aiohttp.ClientSession) -> None:
+async def test_an_answer_not_read_to_the_end_closes_its_connection(session: aiohttp.ClientSession, ask: Ask) -> None:
     """A cancelled answer: the upstream sees its connection close and stops generating."""
     upstream = Upstream(lambda u, t, h: t.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"))
     async with await upstream.start():
@@ -149,7 +159,7 @@ async def test_an_answer_not_read_to_the_end_closes_its_connection(session: aioh
         await asyncio.wait_for(upstream.closed.wait(), BOUND_S)
 
 
-async def test_a_kept_connection_the_upstream_closed_is_replaced(session: aiohttp.ClientSession) -> None:
+async def test_a_kept_connection_the_upstream_closed_is_replaced(session: aiohttp.ClientSession, ask: Ask) -> None:
     def answer_then_hang_up(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
         answer_whole(upstream, transport, head)
         transport.close()  # without saying so: the client kept the connection
@@ -162,7 +172,7 @@ async def test_a_kept_connection_the_upstream_closed_is_replaced(session: aiohtt
         assert len(upstream.requests) == 2
 
 
-async def test_a_silent_upstream_is_a_timeout_before_and_after_the_headers(session: aiohttp.ClientSession) -> None:
+async def test_a_silent_upstream_is_a_timeout_before_and_after_the_headers(session: aiohttp.ClientSession, ask: Ask) -> None:
     silent = Upstream(lambda u, t, h: None)
     async with await silent.start():
         with pytest.raises(ProviderTimeout):
@@ -173,7 +183,7 @@ async def test_a_silent_upstream_is_a_timeout_before_and_after_the_headers(sessi
             await ask(session, stalls.url)
 
 
-async def test_an_upstream_that_goes_away_mid_answer_is_a_stream_error(session: aiohttp.ClientSession) -> None:
+async def test_an_upstream_that_goes_away_mid_answer_is_a_stream_error(session: aiohttp.ClientSession, ask: Ask) -> None:
     def half(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
         transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\na\n\n\r\n")
         transport.close()
@@ -184,7 +194,7 @@ async def test_an_upstream_that_goes_away_mid_answer_is_a_stream_error(session: 
             await ask(session, upstream.url)
 
 
-async def test_a_body_that_ends_with_the_connection_is_whole(session: aiohttp.ClientSession) -> None:
+async def test_a_body_that_ends_with_the_connection_is_whole(session: aiohttp.ClientSession, ask: Ask) -> None:
     """An HTTP/1.0-style answer: no length, no chunks, the close ends it; a close before
     such an answer's headers is still a failure."""
     def close_delimited(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
@@ -203,14 +213,14 @@ async def test_a_body_that_ends_with_the_connection_is_whole(session: aiohttp.Cl
             await ask(session, hangs_up.url)
 
 
-async def test_an_error_status_carries_its_body(session: aiohttp.ClientSession) -> None:
+async def test_an_error_status_carries_its_body(session: aiohttp.ClientSession, ask: Ask) -> None:
     upstream = Upstream(lambda u, t, h: t.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\n\r\nno model!"))
     async with await upstream.start():
         with pytest.raises(ProviderHTTPError, match="status 404: no model!"):
             await ask(session, upstream.url)
 
 
-async def test_an_unreachable_upstream_says_why(session: aiohttp.ClientSession) -> None:
+async def test_an_unreachable_upstream_says_why(session: aiohttp.ClientSession, ask: Ask) -> None:
     server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     server.close()
@@ -219,7 +229,7 @@ async def test_an_unreachable_upstream_says_why(session: aiohttp.ClientSession) 
         await ask(session, f"http://127.0.0.1:{port}/api/chat")
 
 
-async def test_close_session_closes_the_kept_connections(session: aiohttp.ClientSession) -> None:
+async def test_close_session_closes_the_kept_connections(session: aiohttp.ClientSession, ask: Ask) -> None:
     upstream = Upstream(answer_whole)
     async with await upstream.start():
         await ask(session, upstream.url)
@@ -237,7 +247,7 @@ def test_the_request_head_names_the_host_and_refuses_line_breaks() -> None:
         _request_head(_Origin("http", "h", 80), "/", {"X-A": "1\r\nX-B: 2"}, 0)
 
 
-async def test_an_answer_with_endless_headers_is_refused(session: aiohttp.ClientSession) -> None:
+async def test_an_answer_with_endless_headers_is_refused(session: aiohttp.ClientSession, ask: Ask) -> None:
     def endless(upstream: Upstream, transport: asyncio.Transport, head: bytes) -> None:
         transport.write(b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"x" * 70_000 + b"\r\n")
 
@@ -260,7 +270,7 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 
 
 async def test_https_upstreams_are_verified(
-    session: aiohttp.ClientSession, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    session: aiohttp.ClientSession, ask: Ask, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cert, key = certificate
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

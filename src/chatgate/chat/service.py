@@ -32,6 +32,7 @@ from chatgate.providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderTimeout,
+    PushedChunks,
     Unsupported,
 )
 from chatgate.store.base import (
@@ -116,6 +117,73 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return float(min(self.max_backoff_s, self.backoff_s * 2**attempt))
+
+
+class _Answer:
+    """What one generation's answer has come to so far, given it chunk by chunk by
+    :meth:`take`: from the generation's task, or, once the answer is flowing, from the
+    upstream connection's callback (:class:`PushedChunks`), so one token costs no task switch."""
+
+    __slots__ = (
+        "clock", "cut", "first_token_at", "generation", "observers", "reason", "record",
+        "single_call", "started", "token_cap", "trial", "usage", "wants_tokens",
+    )
+
+    def __init__(
+        self,
+        generation: Generation,
+        record: TurnRecord | None,
+        observers: Observers,
+        trial: Trial,
+        clock: Callable[[], float],
+        token_cap: int,
+        *,
+        single_call: bool,
+    ) -> None:
+        self.generation = generation
+        self.record = record
+        self.observers = observers
+        self.trial = trial
+        self.clock = clock
+        self.token_cap = token_cap  # 0 never equals a count, which starts at 1
+        self.single_call = single_call
+        self.wants_tokens = observers.wants_tokens  # decided once: no per-token cost without them
+        self.started = clock()
+        self.first_token_at: float | None = None
+        self.usage: Usage | None = None
+        self.reason: FinishReason = "stop"
+        #: Which cap ended the answer.
+        self.cut: str | None = None
+
+    def take(self, chunk: Chunk) -> bool:
+        """Log ``chunk``; ``True`` when the answer must end here (the token cap)."""
+        generation = self.generation
+        if chunk.tool_calls:
+            if self.first_token_at is None:
+                self._first_token()
+            for piece in chunk.tool_calls:
+                if piece.index == 0 or not self.single_call:
+                    generation.emit_tool_call(piece)
+        if chunk.text:
+            if self.first_token_at is None:
+                self._first_token()
+            generation.emit_delta(chunk.text)
+            if self.record is not None:
+                self.record.progress()
+            if self.wants_tokens:
+                self.observers.token(generation, chunk.text)
+            if generation.tokens == self.token_cap:
+                self.reason, self.cut = "length", "CHATGATE_MAX_ANSWER_TOKENS"
+                return True
+        if chunk.finish_reason is not None:
+            self.reason = chunk.finish_reason
+            self.usage = chunk.usage
+        return False
+
+    def _first_token(self) -> None:
+        self.first_token_at = self.clock()
+        self.observers.first_token(self.generation, self.first_token_at - self.started)
+        self.trial.answered()
 
 
 def build_messages(
@@ -526,48 +594,28 @@ class ChatService:
                 self.store, generation, owner=turn.owner, interval_s=self.checkpoint_s, clock=self._clock
             )
             record.begin(turn.input())
-        started = self._clock()
-        first_token_at: float | None = None
-        usage: Usage | None = None
-        reason: FinishReason = "stop"
+        answer = _Answer(
+            generation, record, self._observers, trial, self._clock, self.max_answer_tokens,
+            # parallel_tool_calls=false, kept here for upstreams that have no such switch
+            # (Ollama, Gemini): an answer's calls after its first are not passed on.
+            single_call=request.tools is not None and request.tools.parallel is False,
+        )
         end: ErrorEvent
-        observers = self._observers
-        wants_tokens = observers.wants_tokens  # decided once: no per-token cost without them
-        token_cap = self.max_answer_tokens  # 0 never equals a count, which starts at 1
-        cut: str | None = None  # which cap ended the answer
         deadline = asyncio.timeout(self.max_answer_s or None)
-        # parallel_tool_calls=false, kept here for upstreams that have no such switch
-        # (Ollama, Gemini): an answer's calls after its first are not passed on.
-        single_call = request.tools is not None and request.tools.parallel is False
-        chunks = self._stream_with_fallback(generation, request, trial.probe)
         try:
             try:
-                async with deadline, _closing(chunks):
-                    async for chunk in chunks:
-                        if chunk.tool_calls:
-                            if first_token_at is None:
-                                first_token_at = self._clock()
-                                observers.first_token(generation, first_token_at - started)
-                                trial.answered()
-                            for piece in chunk.tool_calls:
-                                if piece.index == 0 or not single_call:
-                                    generation.emit_tool_call(piece)
-                        if chunk.text:
-                            if first_token_at is None:
-                                first_token_at = self._clock()
-                                observers.first_token(generation, first_token_at - started)
-                                trial.answered()
-                            generation.emit_delta(chunk.text)
-                            if record is not None:
-                                record.progress()
-                            if wants_tokens:
-                                observers.token(generation, chunk.text)
-                            if generation.tokens == token_cap:
-                                reason, cut = "length", "CHATGATE_MAX_ANSWER_TOKENS"
-                                break
-                        if chunk.finish_reason is not None:
-                            reason = chunk.finish_reason
-                            usage = chunk.usage
+                async with deadline:
+                    first, chunks = await self._first_chunk(generation, request, trial.probe)
+                    try:
+                        if first is not None and not answer.take(first):
+                            if isinstance(chunks, PushedChunks):
+                                await chunks.pump(answer.take)
+                            else:
+                                async for chunk in chunks:
+                                    if answer.take(chunk):
+                                        break
+                    finally:
+                        await _close(chunks)
             except TimeoutError:
                 if not deadline.expired():
                     raise
@@ -576,11 +624,11 @@ class ChatService:
                         f"no answer within the gateway's time cap of {self.max_answer_s:g} s "
                         "(CHATGATE_MAX_ANSWER_S)", retryable=True,
                     ) from None
-                reason, cut = "length", "CHATGATE_MAX_ANSWER_S"
+                answer.reason, answer.cut = "length", "CHATGATE_MAX_ANSWER_S"
             trial.answered()
         except asyncio.CancelledError as exc:
             trial.abandoned()
-            reason = "cancelled"
+            answer.reason = "cancelled"
             if generation.stopping or not generation.cancel_requested:
                 # Not a client's cancel: the process is stopping. Keep what was answered,
                 # and end the followers' wait.
@@ -608,6 +656,9 @@ class ChatService:
             end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
             await self._end(generation, record, end, partial=True, exc=exc)
             return
+        started, first_token_at, usage, reason, cut = (
+            answer.started, answer.first_token_at, answer.usage, answer.reason, answer.cut
+        )
         ended = self._clock()
         if cut is not None:
             log.info(
@@ -631,14 +682,16 @@ class ChatService:
             done["tool_calls"] = generation.tool_calls
         await self._end(generation, record, done, partial=reason == "cancelled" or cut is not None)
 
-    async def _stream_with_fallback(
+    async def _first_chunk(
         self, generation: Generation, request: ProviderRequest, probe: bool = False
-    ) -> AsyncIterator[Chunk]:
-        """Yield chunks from the first model that produces a token.
+    ) -> tuple[Chunk | None, AsyncIterator[Chunk]]:
+        """Open the answer on the first model that produces a chunk: that chunk, and the
+        stream it came from, still open for the rest (``None`` and the stream when it ended
+        without any).
 
         Connect errors and retryable statuses are retried with backoff, then the fallback
-        models are tried; once a token has been yielded, a failure propagates. The
-        breaker's probe is one request: no retry, no fallback.
+        models are tried; once a chunk has come, a failure is the answer's. The breaker's
+        probe is one request: no retry, no fallback.
         """
         models = [request.model, *(m for m in self.fallback_models if m != request.model)]
         attempts = self.retry.attempts
@@ -651,19 +704,14 @@ class ChatService:
                 self._observers.fell_back(generation, models[tried - 1], model, last_error)
             attempt_request = dataclasses.replace(request, model=model)
             for attempt in range(attempts):
-                produced = False
+                chunks = self.provider.stream(attempt_request)
                 try:
-                    async with _closing(self.provider.stream(attempt_request)) as chunks:
-                        async for chunk in chunks:
-                            if not produced:
-                                produced = True
-                                generation.first_chunk_at = self._clock()
-                                if model != generation.model:
-                                    generation.model = model
-                            yield chunk
-                    return
+                    first = await anext(chunks)
+                except StopAsyncIteration:
+                    return None, chunks
                 except ProviderError as exc:
-                    if produced or isinstance(exc, Unsupported):
+                    await _close(chunks)
+                    if isinstance(exc, Unsupported):
                         raise
                     last_error = exc
                     log.info(
@@ -676,6 +724,14 @@ class ChatService:
                     if attempt + 1 < attempts:
                         self._observers.retried(generation, model, attempt + 1, exc)
                         await asyncio.sleep(self.retry.delay(attempt))
+                    continue
+                except BaseException:
+                    await _close(chunks)
+                    raise
+                generation.first_chunk_at = self._clock()
+                if model != generation.model:
+                    generation.model = model
+                return first, chunks
         assert last_error is not None
         raise last_error
 
@@ -760,17 +816,12 @@ def _shutting_down(generation: Generation) -> ErrorEvent:
     )
 
 
-@contextlib.asynccontextmanager
-async def _closing(chunks: AsyncIterator[Chunk]) -> AsyncIterator[AsyncIterator[Chunk]]:
-    """Close ``chunks`` on the way out, also when the loop over it stopped early (an answer
-    cap): closing an adapter's stream closes its upstream request at once, where an
-    abandoned one would wait for the garbage collector."""
-    try:
-        yield chunks
-    finally:
-        close = getattr(chunks, "aclose", None)
-        if close is not None:
-            await close()
+async def _close(chunks: AsyncIterator[Chunk]) -> None:
+    """Close an adapter's stream, also one left before its end (an answer cap): that closes
+    its upstream request at once, where an abandoned one would wait for the collector."""
+    close = getattr(chunks, "aclose", None)
+    if close is not None:
+        await close()
 
 
 @contextlib.contextmanager

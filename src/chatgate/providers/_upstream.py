@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -78,10 +78,15 @@ class _Connection(asyncio.Protocol):
         #: Neither Content-Length nor Transfer-Encoding: the body ends when the connection does.
         self.ends_at_close = True
         self._head_bytes = 0
+        self._in_head = True
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
+        #: Set by :meth:`deliver_to`: the body's bytes go here as they arrive, and
+        #: ``_on_end`` is told once the body has ended or failed.
+        self._sink: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[BaseException | None], None] | None = None
 
     # asyncio.Protocol ----------------------------------------------------------------
 
@@ -91,7 +96,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         self.answered = True
-        if not self.headers_done.done():
+        if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self.fail(UpstreamClosed(f"the upstream's answer has over {MAX_HEAD_BYTES} bytes of headers"))
@@ -117,12 +122,17 @@ class _Connection(asyncio.Protocol):
             self.ends_at_close = False
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
         if not self.headers_done.done():
             self.headers_done.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._sink is not None:
+            if self._error is None and not self.ended:
+                self._sink(body)
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > MAX_BUFFERED_BYTES and self.transport is not None:
@@ -171,12 +181,37 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         return data
 
+    def deliver_to(self, sink: Callable[[bytes], None], on_end: Callable[[BaseException | None], None]) -> None:
+        """Hand the body to ``sink`` from now on, in the socket's callback, as it arrives
+        (what arrived before first); ``on_end(error)`` once it has ended (``None``) or failed.
+        No task wakes per piece: the streamed tokens' path. ``sink`` must not raise."""
+        if self._chunks:
+            data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks.clear()
+            if self._buffered > MAX_BUFFERED_BYTES and self.transport is not None and not self.lost:
+                self.transport.resume_reading()
+            self._buffered = 0
+            sink(data)
+        self._sink, self._on_end = sink, on_end
+        if self._error is not None or self.ended:
+            self._wake()
+
+    def detach(self) -> None:
+        """Nothing more goes to the sink of :meth:`deliver_to`."""
+        self._sink = self._on_end = None
+
     def _wake(self) -> None:
+        if self._on_end is not None:
+            if self._error is not None or self.ended:
+                on_end, self._on_end = self._on_end, None
+                on_end(self._error)
+            return
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def close(self) -> None:
         self.ended = True  # what is still to come is not wanted: not a failure
+        self.detach()
         if self.transport is not None:
             self.transport.close()
 
@@ -189,6 +224,8 @@ class UpstreamResponse:
         self.status = connection.status
         #: What has arrived of the body since the last call; ``b""`` at its end.
         self.read_some = connection.read
+        #: Or the body as it arrives, pushed (:meth:`_Connection.deliver_to`).
+        self.deliver_to = connection.deliver_to
         self._complete = False
         self._watch: asyncio.TimerHandle | None = None
         self._gap_s = read_gap_s
@@ -225,6 +262,7 @@ class UpstreamResponse:
         if self._watch is not None:
             self._watch.cancel()
         connection = self._connection
+        connection.detach()
         if self._complete and connection.keep_alive and not connection.lost:
             if connection.ended:
                 connection.pool.release(connection)

@@ -80,6 +80,24 @@ class Chunk(NamedTuple):
     tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
+#: Given each chunk of an answer as it arrives, synchronously; returns ``True`` to end the
+#: answer there (an answer cap), which closes its upstream request.
+ChunkSink: TypeAlias = Callable[[Chunk], bool]
+
+
+@runtime_checkable
+class PushedChunks(Protocol):
+    """What a stream of chunks may offer besides iteration: hand the rest of the answer to
+    a sink as it arrives, in the socket's callback, with no task switch per token (the HTTP
+    adapters' streams, :class:`chatgate.providers._http.LineStream`)."""
+
+    async def pump(self, sink: ChunkSink) -> None:
+        """Give every further chunk to ``sink``; return once the last one (the one with
+        ``finish_reason``) was given or ``sink`` returned ``True``; raise what ended the
+        answer otherwise. Cancelling the wait stops the deliveries."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Embeddings:
     """One vector per input text, in order; ``prompt_tokens`` when the upstream counted them."""
@@ -146,7 +164,8 @@ class Provider(Protocol):
         """Yield the answer's chunks; the last one carries ``finish_reason``.
 
         Closing the iterator early (``aclose()``, or cancelling the task iterating it)
-        must release the upstream request at once.
+        must release the upstream request at once. The iterator may also be
+        :class:`PushedChunks`, which the chat service prefers once the first chunk is in.
         """
         ...
 

@@ -36,7 +36,7 @@ model :class:`ModelNotFound`, and an in-stream ``data: {"error": …}`` event a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -45,7 +45,7 @@ import orjson
 from pydantic import AliasChoices, Field, SecretStr
 
 from chatgate.config import ConfigError
-from chatgate.providers._http import JSON_HEADERS, post_json, streamed_post, upstream_errors
+from chatgate.providers._http import JSON_HEADERS, LineStream, post_json, upstream_errors
 from chatgate.providers.base import (
     Chunk,
     Embeddings,
@@ -290,6 +290,93 @@ def google_error_body(body: bytes) -> tuple[int | None, str, str]:
         return None, "", body.decode("utf-8", "replace").strip()[:500] or "no detail"
 
 
+class _GeminiEvents:
+    """A ``streamGenerateContent?alt=sse`` answer: ``data:`` lines of candidates, the
+    finish reason and usage in the last; the body's end ends the answer."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._reason: FinishReason | None = None
+        self._usage: Usage | None = None
+        self._calls = 0
+        self._withheld: ProviderStreamError | None = None
+
+    def decode(self, raw: bytes) -> Sequence[Chunk]:
+        if self._withheld is not None:
+            raise self._withheld
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            return ()
+        data = self._event(line[5:])
+        if isinstance(meta := data.get("usageMetadata"), dict):
+            self._usage = Usage(meta.get("promptTokenCount") or 0, meta.get("candidatesTokenCount") or 0)
+        candidate = (data.get("candidates") or [{}])[0]
+        chunks: list[Chunk] = []
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            text = part.get("text")
+            if text and not part.get("thought"):
+                chunks.append(Chunk(text))
+            if isinstance(call := part.get("functionCall"), dict):
+                chunks.append(Chunk(tool_calls=(tool_call_delta(call, self._calls),)))
+                self._calls += 1
+        if candidate.get("finishReason"):
+            try:
+                self._reason = self._finish_reason(candidate["finishReason"])
+            except ProviderStreamError as exc:
+                self._withheld = exc  # raised once this event's text has been handed on
+        return chunks
+
+    def end(self) -> Chunk:
+        if self._withheld is not None:
+            raise self._withheld
+        if self._reason is None:
+            raise ProviderStreamError(
+                "gemini ended the stream without a finish reason", provider="gemini", model=self._model
+            )
+        return Chunk("", finish_reason=self._reason, usage=self._usage)
+
+    def _event(self, raw: bytes) -> dict[str, Any]:
+        """One decoded SSE event; in-stream errors and refused prompts raise."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderStreamError(
+                f"gemini sent an event that is not JSON: {raw[:200]!r}",
+                provider="gemini",
+                model=self._model,
+            ) from exc
+        if not isinstance(data, dict):
+            raise ProviderStreamError(
+                f"gemini sent an unexpected event: {raw[:200]!r}", provider="gemini", model=self._model
+            )
+        if "error" in data:
+            code, status, message = google_error(data)
+            retryable = code is None or code >= 500 or code == 429
+            label = status or (str(code) if code else "error")
+            raise ProviderStreamError(
+                f"gemini: {label}: {message}", provider="gemini", model=self._model, retryable=retryable
+            )
+        block = (data.get("promptFeedback") or {}).get("blockReason")
+        if block:
+            raise ProviderStreamError(
+                f"gemini refused to answer the prompt ({block})",
+                provider="gemini",
+                model=self._model,
+                retryable=False,
+            )
+        return data
+
+    def _finish_reason(self, value: str) -> FinishReason:
+        if value in _FINISHED:
+            return _FINISHED[value]
+        raise ProviderStreamError(
+            f"gemini withheld the answer (finishReason {value})",
+            provider="gemini",
+            model=self._model,
+            retryable=False,
+        )
+
+
 class GeminiProvider:
     name: ClassVar[str] = "gemini"
 
@@ -308,7 +395,7 @@ class GeminiProvider:
         self._headers = {**JSON_HEADERS, "x-goog-api-key": api_key}
         self._defaults = default_options or GenerationOptions()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: ProviderRequest) -> LineStream:
         model = (request.model or self.default_model).removeprefix("models/")
         payload = gemini_payload(
             request.messages,
@@ -317,9 +404,10 @@ class GeminiProvider:
             output=request.output,
         )
         url = f"{self.base_url}/{model_resource(model)}:streamGenerateContent"
-        async with streamed_post(
+        return LineStream(
             self._session,
             url,
+            _GeminiEvents(model),
             provider=self.name,
             model=model,
             base_url=self.base_url,
@@ -327,73 +415,6 @@ class GeminiProvider:
             params={"alt": "sse"},
             data=orjson.dumps(payload),
             headers=self._headers,
-        ) as body:
-            reason: FinishReason | None = None
-            usage: Usage | None = None
-            calls = 0
-            async for raw in body.lines():
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = self._event(line[5:], model)
-                if isinstance(meta := data.get("usageMetadata"), dict):
-                    usage = Usage(meta.get("promptTokenCount") or 0, meta.get("candidatesTokenCount") or 0)
-                candidate = (data.get("candidates") or [{}])[0]
-                for part in (candidate.get("content") or {}).get("parts") or ():
-                    text = part.get("text")
-                    if text and not part.get("thought"):
-                        yield Chunk(text)
-                    if isinstance(call := part.get("functionCall"), dict):
-                        yield Chunk(tool_calls=(tool_call_delta(call, calls),))
-                        calls += 1
-                if candidate.get("finishReason"):
-                    reason = self._finish_reason(candidate["finishReason"], model)
-            if reason is None:
-                raise ProviderStreamError(
-                    "gemini ended the stream without a finish reason", provider=self.name, model=model
-                )
-            body.complete()
-            yield Chunk("", finish_reason=reason, usage=usage)
-
-    def _event(self, raw: bytes, model: str) -> dict[str, Any]:
-        """One decoded SSE event; in-stream errors and refused prompts raise."""
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderStreamError(
-                f"gemini sent an event that is not JSON: {raw[:200]!r}",
-                provider=self.name,
-                model=model,
-            ) from exc
-        if not isinstance(data, dict):
-            raise ProviderStreamError(
-                f"gemini sent an unexpected event: {raw[:200]!r}", provider=self.name, model=model
-            )
-        if "error" in data:
-            code, status, message = google_error(data)
-            retryable = code is None or code >= 500 or code == 429
-            label = status or (str(code) if code else "error")
-            raise ProviderStreamError(
-                f"gemini: {label}: {message}", provider=self.name, model=model, retryable=retryable
-            )
-        block = (data.get("promptFeedback") or {}).get("blockReason")
-        if block:
-            raise ProviderStreamError(
-                f"gemini refused to answer the prompt ({block})",
-                provider=self.name,
-                model=model,
-                retryable=False,
-            )
-        return data
-
-    def _finish_reason(self, value: str, model: str) -> FinishReason:
-        if value in _FINISHED:
-            return _FINISHED[value]
-        raise ProviderStreamError(
-            f"gemini withheld the answer (finishReason {value})",
-            provider=self.name,
-            model=model,
-            retryable=False,
         )
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:

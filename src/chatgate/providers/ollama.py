@@ -23,7 +23,7 @@ calls tools with ``done_reason: "stop"``; the chat service makes that ``tool_cal
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -35,9 +35,9 @@ from pydantic import AliasChoices, Field, field_validator
 from chatgate.config import WILDCARD_HOSTS, variable_for
 from chatgate.providers._http import (
     JSON_HEADERS,
+    LineStream,
     error_text,
     post_json,
-    streamed_post,
     upstream_errors,
 )
 from chatgate.providers.base import (
@@ -190,6 +190,43 @@ def _tool_call_deltas(calls: list[Any], first: int) -> tuple[ToolCallDelta, ...]
     return tuple(deltas)
 
 
+class _OllamaLines:
+    """An ``/api/chat`` answer: one JSON object a line, the last with ``done``."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._calls = 0  # tool calls so far: a line's calls are numbered on from here
+
+    def decode(self, line: bytes) -> Sequence[Chunk]:
+        if not line.strip():
+            return ()
+        data = orjson.loads(line)
+        if "error" in data:
+            raise ProviderStreamError(f"ollama: {data['error']}", provider="ollama", model=self._model)
+        message = data.get("message") or {}
+        text = message.get("content", "")
+        if not data.get("done") and "tool_calls" not in message:
+            return (Chunk(text),) if text else ()
+        chunks: list[Chunk] = []
+        calls = message.get("tool_calls")
+        if calls:
+            if text:
+                chunks.append(Chunk(text))
+                text = ""
+            chunks.append(Chunk(tool_calls=_tool_call_deltas(calls, self._calls)))
+            self._calls += len(calls)
+        if data.get("done"):
+            reason: FinishReason = "length" if data.get("done_reason") == "length" else "stop"
+            usage = Usage(data.get("prompt_eval_count") or 0, data.get("eval_count") or 0)
+            chunks.append(Chunk(text, finish_reason=reason, usage=usage))
+        elif text:
+            chunks.append(Chunk(text))
+        return chunks
+
+    def end(self) -> Chunk:
+        raise ProviderStreamError("ollama ended the stream without a final message", provider="ollama", model=self._model)
+
+
 class OllamaProvider:
     name: ClassVar[str] = "ollama"
 
@@ -206,7 +243,7 @@ class OllamaProvider:
         self._session = session
         self._defaults = default_options or GenerationOptions()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: ProviderRequest) -> LineStream:
         model = request.model or self.default_model
         payload: dict[str, Any] = {
             "model": model,
@@ -221,43 +258,17 @@ class OllamaProvider:
         options = ollama_options(self._defaults.merged(request.options))
         if options:
             payload["options"] = options
-        async with streamed_post(
+        return LineStream(
             self._session,
             f"{self.base_url}/api/chat",
+            _OllamaLines(model),
             provider=self.name,
             model=model,
             base_url=self.base_url,
             status_error=self._status_error,
             data=orjson.dumps(payload),
             headers=JSON_HEADERS,
-        ) as body:
-            calls_so_far = 0
-            async for line in body.lines():
-                if not line.strip():
-                    continue
-                data = orjson.loads(line)
-                if "error" in data:
-                    raise ProviderStreamError(f"ollama: {data['error']}", provider=self.name, model=model)
-                message = data.get("message") or {}
-                text = message.get("content", "")
-                calls = message.get("tool_calls")
-                if calls:
-                    if text:
-                        yield Chunk(text)
-                        text = ""
-                    yield Chunk(tool_calls=_tool_call_deltas(calls, calls_so_far))
-                    calls_so_far += len(calls)
-                if data.get("done"):
-                    body.complete()
-                    reason: FinishReason = "length" if data.get("done_reason") == "length" else "stop"
-                    usage = Usage(data.get("prompt_eval_count") or 0, data.get("eval_count") or 0)
-                    yield Chunk(text, finish_reason=reason, usage=usage)
-                    return
-                if text:
-                    yield Chunk(text)
-            raise ProviderStreamError(
-                "ollama ended the stream without a final message", provider=self.name, model=model
-            )
+        )
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         model = model or self.default_model

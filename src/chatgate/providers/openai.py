@@ -9,7 +9,7 @@ a request without tools or an output format is sent exactly as before they exist
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
@@ -20,9 +20,9 @@ from pydantic import AliasChoices, Field, SecretStr
 from chatgate.config import ConfigError
 from chatgate.providers._http import (
     JSON_HEADERS,
+    LineStream,
     error_text,
     post_json,
-    streamed_post,
     upstream_errors,
 )
 from chatgate.providers.base import (
@@ -151,6 +151,55 @@ def _tool_call_deltas(pieces: list[Any]) -> tuple[ToolCallDelta, ...]:
     return tuple(deltas)
 
 
+class _ChatCompletionEvents:
+    """A streamed chat completion: ``data:`` lines of chunks, then ``data: [DONE]``. The
+    finish reason and the usage come in chunks of their own; the last chunk made here
+    carries both."""
+
+    def __init__(self, provider: str, model: str) -> None:
+        self._provider = provider
+        self._model = model
+        self._reason: FinishReason | None = None
+        self._usage: Usage | None = None
+
+    def decode(self, raw: bytes) -> Sequence[Chunk]:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            return ()
+        data_part = line[5:].strip()
+        if data_part == b"[DONE]":
+            return (self.end(),)
+        data = orjson.loads(data_part)
+        if "error" in data:
+            raise ProviderStreamError(
+                f"{self._provider}: {error_text(data_part)}", provider=self._provider, model=self._model
+            )
+        if data.get("usage"):
+            usage = data["usage"]
+            self._usage = Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+        chunks: list[Chunk] = []
+        for choice in data.get("choices") or ():
+            delta = choice.get("delta") or {}
+            text = delta.get("content") or ""
+            if text:
+                chunks.append(Chunk(text))
+            calls = delta.get("tool_calls")
+            if calls:
+                chunks.append(Chunk(tool_calls=_tool_call_deltas(calls)))
+            if choice.get("finish_reason"):
+                self._reason = _FINISH_REASONS.get(choice["finish_reason"], "stop")
+        return chunks
+
+    def end(self) -> Chunk:
+        if self._reason is None:
+            raise ProviderStreamError(
+                f"{self._provider} ended the stream without a finish reason",
+                provider=self._provider,
+                model=self._model,
+            )
+        return Chunk("", finish_reason=self._reason, usage=self._usage)
+
+
 def api_base(url: str) -> str:
     """``http://host:port`` means ``http://host:port/v1``; any explicit path is kept."""
     url = url.rstrip("/")
@@ -177,7 +226,7 @@ class OpenAIProvider:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._defaults = default_options or GenerationOptions()
 
-    async def stream(self, request: ProviderRequest) -> AsyncIterator[Chunk]:
+    def stream(self, request: ProviderRequest) -> LineStream:
         model = request.model or self.default_model
         payload: dict[str, Any] = {
             "model": model,
@@ -189,53 +238,17 @@ class OpenAIProvider:
         }
         if request.output is not None:
             payload["response_format"] = response_format(request.output)
-        async with streamed_post(
+        return LineStream(
             self._session,
             f"{self.base_url}/chat/completions",
+            _ChatCompletionEvents(self.name, model),
             provider=self.name,
             model=model,
             base_url=self.base_url,
             status_error=self._status_error,
             data=orjson.dumps(payload),
             headers=self._headers,
-        ) as body:
-            reason: FinishReason | None = None
-            usage: Usage | None = None
-            async for raw in body.lines():
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data_part = line[5:].strip()
-                if data_part == b"[DONE]":
-                    break
-                data = orjson.loads(data_part)
-                if "error" in data:
-                    raise ProviderStreamError(
-                        f"{self.name}: {error_text(data_part)}", provider=self.name, model=model
-                    )
-                if data.get("usage"):
-                    usage = Usage(
-                        data["usage"].get("prompt_tokens") or 0,
-                        data["usage"].get("completion_tokens") or 0,
-                    )
-                for choice in data.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    text = delta.get("content") or ""
-                    if text:
-                        yield Chunk(text)
-                    calls = delta.get("tool_calls")
-                    if calls:
-                        yield Chunk(tool_calls=_tool_call_deltas(calls))
-                    if choice.get("finish_reason"):
-                        reason = _FINISH_REASONS.get(choice["finish_reason"], "stop")
-            if reason is None:
-                raise ProviderStreamError(
-                    f"{self.name} ended the stream without a finish reason",
-                    provider=self.name,
-                    model=model,
-                )
-            body.complete()
-            yield Chunk("", finish_reason=reason, usage=usage)
+        )
 
     async def embed(self, model: str, inputs: list[str], dimensions: int | None = None) -> Embeddings:
         model = model or self.default_model
