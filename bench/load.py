@@ -75,6 +75,12 @@ class Job:
     hold_s: float = 120.0
     streams: int = 0
     stagger_s: float = 1.0
+    #: streams over ws: one new connection at a time (handshake only) every
+    #: ``probe_every_s`` from ``probe_from_s`` to ``probe_until_s`` after t0, while the
+    #: streams are held: how long a user opening the page on the busy server waits.
+    probe_every_s: float = 0.0
+    probe_from_s: float = 0.0
+    probe_until_s: float = 0.0
 
     def body(self) -> bytes:
         if self.protocol == "text":
@@ -161,7 +167,8 @@ class WsAnswer(asyncio.Protocol):
     several times what parsing these small unmasked frames takes. Handshake, one masked chat
     frame, then start/delta.../done; pings are answered, anything else is an error."""
 
-    def __init__(self, host: str, path: str, body: bytes, answer: Answer) -> None:
+    def __init__(self, host: str, path: str, body: bytes, answer: Answer, *, connect_only: bool = False) -> None:
+        self.connect_only = connect_only
         self.request = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}"
                         "\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
@@ -193,6 +200,12 @@ class WsAnswer(asyncio.Protocol):
             now = time.monotonic()
             self.answer.connect_s = now - self.opening
             self.answer.started = now
+            if self.connect_only:
+                self._send(0x8, (1000).to_bytes(2))
+                self.finished.set_result(None)
+                assert self.transport is not None
+                self.transport.close()
+                return
             self._send(0x1, self.body)
         self._read_frames()
 
@@ -372,6 +385,9 @@ async def run_streams(job: Job, t0: float) -> dict[str, Any]:
             await one_answer(session, job, body, answer)
 
         tasks = [asyncio.create_task(stream(i)) for i in range(job.streams)]
+        probes: list[Answer] = []
+        if job.probe_every_s and job.protocol == "ws":
+            tasks.append(asyncio.create_task(_probe_connects(job, t0, probes)))
         cpu = time.process_time()
         await _finish(tasks, t0 + job.stagger_s + job.answer_timeout_s + 1)
         client_cpu_s = time.process_time() - cpu
@@ -390,7 +406,32 @@ async def run_streams(job: Job, t0: float) -> dict[str, Any]:
                 slots.setdefault(int((later - t0) / SLOT_S), Histogram()).add(later - earlier)
     held = {"slot_s": SLOT_S, "gap_slots": {str(k): h.to_json() for k, h in sorted(slots.items())},
             "last_first_token_s": max(firsts, default=None), "first_last_token_s": min(lasts, default=None)}
+    held["held_connect_ms"] = [round(a.connect_s * 1000, 4) for a in probes if a.connect_s is not None]
+    held["held_connect_errors"] = sum(1 for a in probes if a.error is not None)
     return {**summary, **held, "client_cpu_s": client_cpu_s, "wall_s": wall_s}
+
+
+async def _probe_connects(job: Job, t0: float, probes: list[Answer]) -> None:
+    """Open one ``/ws`` at a time, handshake only, every ``probe_every_s`` in the probe window."""
+    url = urlsplit(job.url)
+    loop = asyncio.get_running_loop()
+    next_at = t0 + job.probe_from_s
+    while next_at < t0 + job.probe_until_s:
+        await _until(next_at)
+        next_at += job.probe_every_s
+        probe = Answer(started=time.monotonic())
+        probes.append(probe)
+        protocol = WsAnswer(url.netloc, url.path or "/", b"", probe, connect_only=True)
+        try:
+            async with asyncio.timeout(job.answer_timeout_s):
+                transport, _ = await loop.create_connection(
+                    lambda bound=protocol: bound, url.hostname or "127.0.0.1", url.port or 80)
+                try:
+                    await protocol.finished
+                finally:
+                    transport.close()
+        except (TimeoutError, AnswerError, OSError) as exc:
+            probe.error = describe(exc)
 
 
 async def run_idle(job: Job, t0: float) -> dict[str, Any]:

@@ -27,6 +27,8 @@ TOKENS_PER_S = 20
 GOAL_STREAMS = 2000
 MIN_COMPLETED = 0.99
 STEADY_SETTLE_S = 1.0
+#: While a step's streams are held, a new WebSocket is opened (handshake only) this often.
+CONNECT_PROBE_EVERY_S = 0.05
 
 
 @dataclass
@@ -267,6 +269,11 @@ class StreamStep:
     error_samples: dict[str, int]
     #: While every stream was held: the server's cores, its CPU per token relayed, and the
     #: cores the whole machine was busy (near the core count, the machine is the limit).
+    #: New WebSockets opened one at a time while every stream was held: their handshakes.
+    held_connect_p50_ms: float | None = None
+    held_connect_p99_ms: float | None = None
+    held_connects: int = 0
+    held_connect_errors: int = 0
     held_server_cores: float | None = None
     held_server_us_per_token: float | None = None
     held_machine_busy_cores: float | None = None
@@ -338,7 +345,11 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
     base = {"mode": "streams", "protocol": target.protocol, "url": target.url, "model": target.model,
             "tokens": settings.tokens, "stagger_s": stagger_s, "answer_timeout_s": answer_s + 30}
     background = wait_for_quiet(settings.quiet_wait_s, settings.quiet_below_cores)
-    group = LoadGroup([{**base, "streams": share} for share in split(streams, settings.load_processes)])
+    # The first load process also opens new connections one at a time while all are held.
+    probes = {"probe_every_s": CONNECT_PROBE_EVERY_S, "probe_from_s": stagger_s + STEADY_SETTLE_S,
+              "probe_until_s": answer_s - STEADY_SETTLE_S}
+    group = LoadGroup([{**base, "streams": share, **(probes if index == 0 else {})}
+                       for index, share in enumerate(split(streams, settings.load_processes))])
     server = target.server
     try:
         t0 = group.go()
@@ -354,6 +365,7 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
     finally:
         group.close()
     merged = _merged(results)
+    held_connects = [v for r in results for v in r.get("held_connect_ms", [])]
     steady, held_from, held_to = held_gaps(results)
     p99 = steady.percentile_ms(99)
     held = None
@@ -374,6 +386,10 @@ def stream_step(target: Target, streams: int, settings: Settings, answer_s: floa
         held_to_s=held_to,
         ttft_p50_ms=merged["ttft_p50_ms"],
         connect_p99_ms=merged["connect_p99_ms"],
+        held_connect_p50_ms=percentile(held_connects, 50),
+        held_connect_p99_ms=percentile(held_connects, 99),
+        held_connects=len(held_connects),
+        held_connect_errors=sum(r.get("held_connect_errors", 0) for r in results),
         server_cpu_share=server_cpu / wall,
         client_cpu_share=merged["client_cpu_s"] / wall,
         machine_busy_cores=busy / wall,
