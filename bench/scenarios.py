@@ -27,6 +27,9 @@ TOKENS_PER_S = 20
 GOAL_STREAMS = 2000
 MIN_COMPLETED = 0.99
 STEADY_SETTLE_S = 1.0
+#: A step passes only if every stream was open together for this long: a server so slow to
+#: accept that its last streams start as the first end has not held them.
+MIN_HELD_S = 5.0
 #: While a step's streams are held, a new WebSocket is opened (handshake only) this often.
 CONNECT_PROBE_EVERY_S = 0.05
 
@@ -284,6 +287,9 @@ class StreamStep:
             self.added_gap_p99_ms is not None
             and self.added_gap_p99_ms <= GAP_BUDGET_MS
             and self.completed >= MIN_COMPLETED * self.streams
+            and self.held_from_s is not None
+            and self.held_to_s is not None
+            and self.held_to_s - self.held_from_s >= MIN_HELD_S
         )
 
 
