@@ -415,7 +415,12 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         and one transport write, where ``send`` costs a coroutine, an event wait and a frame
         object per token. Never compressed: chatgate does not negotiate permessage-deflate
         (``ws_per_message_deflate`` in :mod:`chatgate.app`)."""
-        if self.close_sent or not self.writable.is_set() or self.conn.state is not State.OPEN:
+        if (
+            self.close_sent
+            or not self.writable.is_set()
+            or self.conn.state is not State.OPEN
+            or self.transport.is_closing()  # the peer is gone; ASGI send says so
+        ):
             return False
         size = len(payload)
         if size < 126:
