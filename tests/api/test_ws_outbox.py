@@ -162,3 +162,56 @@ async def test_a_client_that_stops_reading_is_disconnected_and_its_answer_kept(
     await wait_until(lambda: generation.finished)
     stored = await gateway.store.window("c-slow", 10)
     assert [m.content for m in stored] == ["hi", fake_reply(150)]
+
+
+class ForeignAwaitable:
+    """What an ASGI server written in another language may hand its ``send`` coroutine to
+    wait on (granian does): one object that is its own iterator, yields itself until done,
+    and does not raise asyncio's "blocking" flag again when awaited a second time."""
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self._future = future
+        self._asyncio_future_blocking = True
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._future.get_loop()
+
+    def add_done_callback(self, callback: Callable[[Any], object], *, context: Any = None) -> None:
+        self._future.add_done_callback(lambda _: callback(self), context=context)
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def __await__(self) -> ForeignAwaitable:
+        return self
+
+    def __iter__(self) -> ForeignAwaitable:
+        return self
+
+    def __next__(self) -> ForeignAwaitable:
+        if self._future.done():
+            raise StopIteration(self._future.result())
+        return self
+
+
+async def test_a_server_whose_send_waits_on_a_foreign_awaitable_gets_every_message_in_order() -> None:
+    """A send that cannot finish at once is handed to a task; what it waits on need not be
+    an asyncio future."""
+    loop = asyncio.get_running_loop()
+    gate: asyncio.Future[None] = loop.create_future()
+    sent: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        await ForeignAwaitable(gate)
+        sent.append(message["text"])
+
+    drained = asyncio.Event()
+    outbox = delivery.Outbox(send, on_drained=drained.set)  # type: ignore[arg-type]
+    for text in ("a", "b", "c"):
+        outbox.write({"type": "websocket.send", "text": text})
+    assert outbox.waiting and sent == []
+    for _ in range(3):  # loop turns (no time passes): the drainer takes up its wait first
+        await asyncio.sleep(0)
+    gate.set_result(None)
+    await asyncio.wait_for(drained.wait(), BOUND_S)
+    assert sent == ["a", "b", "c"] and not outbox.broken

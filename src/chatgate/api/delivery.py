@@ -21,6 +21,7 @@ itself (:mod:`chatgate.guard`): a connection whose buffers stay full that long i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
@@ -277,18 +278,32 @@ def _deliver_nothing(event: Event, generation: Generation) -> None:
     """What a stopped follower delivers."""
 
 
+def _settle(done: asyncio.Future[None], _: object) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
 async def _finish(coroutine: Coroutine[Any, Any, None], waiting_on: Any) -> None:
     """Run a coroutine that was started by hand and is now waiting on ``waiting_on`` (what
     its first ``send(None)`` returned) to its end, as a task would have."""
+    loop = asyncio.get_running_loop()
     while True:
         try:
             if waiting_on is None:  # a bare yield: let the loop run once
                 await asyncio.sleep(0)
             else:
-                # The future was yielded to us as to a task, which takes it by clearing this
-                # flag (asyncio's protocol between futures and tasks); then it may be awaited.
+                # Yielded to us as to a task, which takes it by clearing this flag (asyncio's
+                # protocol between futures and tasks) and waits for it to be done; then the
+                # coroutine is resumed and reads the outcome itself. Waiting through a future
+                # of our own also serves servers whose awaitables are not asyncio futures.
                 waiting_on._asyncio_future_blocking = False
-                await waiting_on
+                done = loop.create_future()
+                waiting_on.add_done_callback(functools.partial(_settle, done))
+                try:
+                    await done
+                except BaseException:
+                    waiting_on.cancel()
+                    raise
         except BaseException as exc:  # passed into the coroutine, as a task would
             try:
                 waiting_on = coroutine.throw(exc)
