@@ -32,7 +32,6 @@ from chatgate.providers.base import (
     ProviderError,
     ProviderRequest,
     ProviderTimeout,
-    PushedChunks,
     Unsupported,
 )
 from chatgate.store.base import (
@@ -608,13 +607,14 @@ class ChatService:
                     first, chunks = await self._first_chunk(generation, request, trial.probe)
                     try:
                         if first is not None and not answer.take(first):
-                            if isinstance(chunks, PushedChunks):
+                            pump = getattr(chunks, "pump", None)  # PushedChunks (isinstance costs microseconds)
+                            if pump is not None:
                                 # A loop turn first: the first token goes out to the client
                                 # before the rest of a burst is pushed into the log, and what
                                 # arrived meanwhile is taken in one piece (TTFT at 1 client
                                 # 0.1 ms lower against a fast upstream).
                                 await asyncio.sleep(0)
-                                await chunks.pump(answer.take)
+                                await pump(answer.take)
                             else:
                                 async for chunk in chunks:
                                     if answer.take(chunk):
