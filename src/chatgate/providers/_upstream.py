@@ -174,6 +174,10 @@ class _Connection(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+        return self._take_buffered()
+
+    def _take_buffered(self) -> bytes:
+        """Everything buffered, at once; reading resumes if it had paused for it."""
         data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         if self._buffered > MAX_BUFFERED_BYTES and self.transport is not None and not self.lost:
@@ -186,12 +190,7 @@ class _Connection(asyncio.Protocol):
         (what arrived before first); ``on_end(error)`` once it has ended (``None``) or failed.
         No task wakes per piece: the streamed tokens' path. ``sink`` must not raise."""
         if self._chunks:
-            data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-            self._chunks.clear()
-            if self._buffered > MAX_BUFFERED_BYTES and self.transport is not None and not self.lost:
-                self.transport.resume_reading()
-            self._buffered = 0
-            sink(data)
+            sink(self._take_buffered())
         self._sink, self._on_end = sink, on_end
         if self._error is not None or self.ended:
             self._wake()
