@@ -179,6 +179,27 @@ class _Answer:
             self.usage = chunk.usage
         return False
 
+    def done(self, ended: float) -> DoneEvent:
+        """The answer's ``done`` event, as of ``ended``."""
+        generation, usage, reason = self.generation, self.usage, self.reason
+        completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
+        if generation.tool_calls and reason == "stop":
+            reason = "tool_calls"  # some upstreams (Ollama) end a call with "stop"
+        first = self.first_token_at
+        done: DoneEvent = {
+            "type": "done",
+            "id": generation.id,
+            "finish_reason": reason,
+            "usage": {"prompt_tokens": usage.prompt_tokens if usage else 0, "completion_tokens": completion},
+            "timings": {
+                "ttft_ms": round((first - self.started) * 1000, 3) if first else None,
+                "total_ms": round((ended - self.started) * 1000, 3),
+            },
+        }
+        if generation.tool_calls:
+            done["tool_calls"] = generation.tool_calls
+        return done
+
     def _first_token(self) -> None:
         self.first_token_at = self.clock()
         self.observers.first_token(self.generation, self.first_token_at - self.started)
@@ -661,31 +682,13 @@ class ChatService:
             end = error_event("internal", f"internal error: {type(exc).__name__}", id=generation.id)
             await self._end(generation, record, end, partial=True, exc=exc)
             return
-        started, first_token_at, usage, reason, cut = (
-            answer.started, answer.first_token_at, answer.usage, answer.reason, answer.cut
-        )
-        ended = self._clock()
-        if cut is not None:
+        if answer.cut is not None:
             log.info(
                 "answer cut at the gateway's cap",
-                extra={"request_id": generation.id, "cap": cut, "after_tokens": generation.tokens},
+                extra={"request_id": generation.id, "cap": answer.cut, "after_tokens": generation.tokens},
             )
-        completion = usage.completion_tokens if usage and usage.completion_tokens else generation.tokens
-        if generation.tool_calls and reason == "stop":
-            reason = "tool_calls"  # some upstreams (Ollama) end a call with "stop"
-        done: DoneEvent = {
-            "type": "done",
-            "id": generation.id,
-            "finish_reason": reason,
-            "usage": {"prompt_tokens": usage.prompt_tokens if usage else 0, "completion_tokens": completion},
-            "timings": {
-                "ttft_ms": round((first_token_at - started) * 1000, 3) if first_token_at else None,
-                "total_ms": round((ended - started) * 1000, 3),
-            },
-        }
-        if generation.tool_calls:
-            done["tool_calls"] = generation.tool_calls
-        await self._end(generation, record, done, partial=reason == "cancelled" or cut is not None)
+        done = answer.done(self._clock())
+        await self._end(generation, record, done, partial=done["finish_reason"] == "cancelled" or answer.cut is not None)
 
     async def _first_chunk(
         self, generation: Generation, request: ProviderRequest, probe: bool = False
