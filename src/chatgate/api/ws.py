@@ -55,7 +55,7 @@ from chatgate.api.dialects.base import (
     Resume,
     bad,
 )
-from chatgate.chat.events import ChatError, Event, error_event
+from chatgate.chat.events import ChatError, error_event
 from chatgate.chat.generation import Generation
 from chatgate.chat.service import Turn
 
@@ -95,7 +95,7 @@ class Connection:
             on_drained=self._caught_up,
             on_stuck=self._stuck,
         )
-        self.follower = Follower(self.outbox, self._deliver)
+        self.follower = Follower(self.outbox, self._push)
         self._closing: asyncio.Task[None] | None = None
         #: Seed dialects' commands waiting for the answer before them to end, in order.
         self._backlog: list[Chat | ClearHistory] = []  # at most MAX_QUEUED_TURNS + 1
@@ -230,9 +230,6 @@ class Connection:
 
     def _follow(self, generation: Generation, after: int | None) -> None:
         self.follower.follow(generation, after=after)
-
-    def _deliver(self, event: Event, generation: Generation) -> None:
-        self._push(event, generation)
 
     async def emit(self, event: Outgoing, generation: Generation | None = None) -> None:
         """Send ``event`` in the connection's dialect."""
