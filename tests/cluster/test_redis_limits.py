@@ -306,14 +306,17 @@ async def test_a_killed_gateways_replies_stop_counting(
         provider="ollama", ollama_host=fake.url, model="fake-model", store=url, data_dir=tmp_path / "b",
         max_streams_per_client=1,
     ) as b:
-        async with connect(a.ws_url + "/ws") as ws:
+        # A short close: the dead peer never answers the closing handshake, and the frames
+        # left unread keep the client from seeing the connection's end until it gives up.
+        async with connect(a.ws_url + "/ws", close_timeout=0.5) as ws:
             await ws.send(orjson.dumps({"type": "chat", "message": "a long one"}).decode())
             await _frame(ws, "delta")
             assert httpx.post(f"{b.url}/chat", json={"message": "on B"}).status_code == 429
             a.process.send_signal(signal.SIGKILL)
             a.process.wait(timeout=10)
-        fake.configure(tokens=3, tps=0)
-        assert httpx.post(f"{b.url}/chat", json={"message": "on B"}).status_code == 429  # not yet
+            fake.configure(tokens=3, tps=0)
+            # Well inside ALIVE_TTL_MS of the last heartbeat.
+            assert httpx.post(f"{b.url}/chat", json={"message": "on B"}).status_code == 429  # not yet
         wait_until(
             lambda: httpx.post(f"{b.url}/chat", json={"message": "on B"}).status_code == 200,
             timeout=ALIVE_TTL_MS / 1000 + 10, interval=0.2, what="the dead instance's reply to stop counting",
