@@ -137,8 +137,9 @@ def _held(target: str, streams: dict[str, Any]) -> Verdict:
     ours, relay = lanes.get("ws"), lanes.get("relay")
     if ours is None or relay is None:
         return Verdict(target, f"gateway {_fmt(ours, 0)}, bare relay {'not run' if relay is None else relay}", False)
-    share = f" ({ours / relay * 100:.0f} %)" if relay else ""
-    return Verdict(target, f"gateway {ours:,}, bare relay {relay:,}{share}", ours >= 0.9 * relay)
+    if not relay:  # the floor itself held no count: nothing to compare with, not a pass
+        return Verdict(target, f"gateway {ours:,}, bare relay 0 (no count within budget)", False)
+    return Verdict(target, f"gateway {ours:,}, bare relay {relay:,} ({ours / relay * 100:.0f} %)", ours >= 0.9 * relay)
 
 
 def _table(results: dict[str, Any]) -> list[str]:
