@@ -40,7 +40,9 @@ async def test_kill_9_mid_answer_keeps_the_message_and_the_partial_answer(
     env = {"OLLAMA_HOST": fake.url, "CHATGATE_STORE": store, "CHATGATE_DATA_DIR": str(tmp_path),
            "CHATGATE_CHECKPOINT_S": "0.2"}
     with serve_process(env) as first:
-        async with connect(first.ws_url + "/ws") as ws:
+        # A short close: the killed peer never answers the closing handshake, and the frames
+        # left unread keep the client from seeing the connection's end until it gives up.
+        async with connect(first.ws_url + "/ws", close_timeout=0.5) as ws:
             await send(ws, {"type": "chat", "message": "tell me everything", "conversation_id": "crash"})
             start = await recv(ws)
             # Once the history holds part of the answer, the process dies without a word.
